@@ -1,0 +1,15 @@
+"""lmstack: the whole language-model lifecycle in one PyTorch package.
+
+Public API:
+    load_model(path_or_preset)  -> Transformer   (a Hugging Face / lmstack directory, or a preset name)
+    save_model(model, path)                       (an atomic Hugging Face directory)
+    ModelConfig, Transformer, preset
+"""
+
+from lmstack.config import PRESETS, ModelConfig, preset
+from lmstack.interop.hf import load_model, save_model
+from lmstack.model.transformer import Transformer
+
+__version__ = "0.1.0"
+
+__all__ = ["PRESETS", "ModelConfig", "Transformer", "load_model", "preset", "save_model", "__version__"]

@@ -1,0 +1,1 @@
+"""Interoperability with the Hugging Face ecosystem: config.json and safetensors weights, both directions."""

@@ -1,0 +1,249 @@
+"""Load and save Hugging Face model directories (config.json + safetensors, sharded with an index when large).
+
+Loading builds the model on the meta device and assigns tensors read one at a time from the
+safetensors files, so a checkpoint never sits in memory twice. Saving writes into a temporary
+directory renamed into place at the end: a crash leaves either the old directory or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lmstack.atomic import atomic_dir
+from lmstack.config import PRESETS, ModelConfig, preset
+from lmstack.interop.hf_config import config_from_hf, config_to_hf, hf_incompatibility
+from lmstack.model.transformer import Transformer
+from lmstack.schema import ConfigError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+# Tensors some checkpoints carry that hold no learned weights (old GPT-2 mask buffers, RoPE caches).
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is unusable; the message names the file and, where it applies, the tensor."""
+
+
+# ------------------------------------------------------------------------------------------- names
+def _gpt2_prefix(names: set[str]) -> str:
+    return "transformer." if any(n.startswith("transformer.") for n in names) else ""
+
+
+def hf_to_lmstack(name: str, tensor: torch.Tensor, config: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """One Hugging Face tensor -> the lmstack tensors it holds (GPT-2's fused c_attn becomes q/k/v)."""
+    if config.family != "gpt2":
+        return [(name, tensor)]
+    name = name.removeprefix("transformer.")
+    simple = {"wte.weight": "model.embed_tokens.weight", "wpe.weight": "model.embed_positions.weight",
+              "ln_f.weight": "model.norm.weight", "ln_f.bias": "model.norm.bias", "lm_head.weight": "lm_head.weight"}
+    if name in simple:
+        return [(simple[name], tensor)]
+    if not name.startswith("h."):
+        return [(name, tensor)]  # reported as unexpected by the caller
+    _, layer, rest = name.split(".", 2)
+    prefix = f"model.layers.{layer}."
+    module, leaf = rest.rsplit(".", 1)  # e.g. "attn.c_attn", "weight"
+    if leaf == "weight" and module in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        tensor = tensor.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
+    if module == "attn.c_attn":
+        q, k, v = tensor.chunk(3, dim=0)
+        return [(f"{prefix}self_attn.{p}_proj.{leaf}", t.contiguous()) for p, t in zip("qkv", (q, k, v))]
+    targets = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_proj": "self_attn.o_proj",
+               "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+    if module not in targets:
+        return [(name, tensor)]
+    return [(f"{prefix}{targets[module]}.{leaf}", tensor.contiguous())]
+
+
+def lmstack_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """lmstack state dict -> Hugging Face tensor names and layouts (tied lm_head left out, as HF does)."""
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if config.family != "gpt2" or hf_incompatibility(config) is not None:
+            yield name, tensor
+            continue
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            module, leaf = rest.rsplit(".", 1)
+            prefix = f"transformer.h.{layer}."
+            if module in ("self_attn.k_proj", "self_attn.v_proj"):
+                continue  # written with q_proj as the fused c_attn
+            if module == "self_attn.q_proj":
+                qkv = [state[f"model.layers.{layer}.self_attn.{p}_proj.{leaf}"] for p in "qkv"]
+                fused = torch.cat(qkv, dim=0)
+                yield f"{prefix}attn.c_attn.{leaf}", fused.t() if leaf == "weight" else fused
+                continue
+            targets = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn.o_proj": "attn.c_proj",
+                       "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+            is_conv = module in ("self_attn.o_proj", "mlp.up_proj", "mlp.down_proj") and leaf == "weight"
+            yield f"{prefix}{targets[module]}.{leaf}", tensor.t() if is_conv else tensor
+        else:
+            simple = {"model.embed_tokens.weight": "transformer.wte.weight",
+                      "model.embed_positions.weight": "transformer.wpe.weight",
+                      "model.norm.weight": "transformer.ln_f.weight", "model.norm.bias": "transformer.ln_f.bias"}
+            yield simple[name], tensor
+
+
+# ------------------------------------------------------------------------------------------- load
+def read_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found; a model directory needs config.json") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return config_from_hf(hf, str(path))
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / SINGLE_FILE
+    if single.exists():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise CheckpointError(f"{directory}: only pickle weights (*.bin / *.pt) found; lmstack reads safetensors "
+                              "only (convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def load_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Read a directory's weights into lmstack names, checking names and shapes against `config`."""
+    directory = Path(directory)
+    files = _weight_files(directory)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(config).state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        if not file.exists():
+            raise CheckpointError(f"{file}: listed in {INDEX_FILE} but missing")
+        with safe_open(file, framework="pt") as f:
+            for hf_name in names:
+                if hf_name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                tensor = f.get_tensor(hf_name)
+                if not tensor.is_floating_point():
+                    raise CheckpointError(f"{file}: tensor {hf_name} has dtype {tensor.dtype}; expected floating point")
+                for name, converted in hf_to_lmstack(hf_name, tensor, config):
+                    if name == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # tied: the embedding matrix is the head
+                    if name not in expected:
+                        raise CheckpointError(f"{file}: unexpected tensor {hf_name} for a {config.family} model "
+                                              f"with this config.json (is it another architecture?)")
+                    if tuple(converted.shape) != tuple(expected[name]):
+                        raise CheckpointError(f"{file}: tensor {hf_name} has shape {tuple(tensor.shape)}, but "
+                                              f"config.json implies {tuple(expected[name])} for {name}")
+                    state[name] = converted
+    tied_head = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(state) - tied_head)
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+    return state
+
+
+def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None, **overrides) -> Transformer:
+    """A Hugging Face / lmstack model directory, or a preset name (random init, `overrides` applied)."""
+    path = Path(path_or_preset)
+    if path.is_dir():
+        config = read_config(path)
+        state = load_state_dict(path, config)
+        with torch.device("meta"):
+            model = Transformer(config)
+        if dtype is None:  # CPU policy: compute in fp32 whatever the file holds
+            dtype = torch.float32
+        state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.reset_buffers()
+    elif str(path_or_preset) in PRESETS:
+        model = Transformer(preset(str(path_or_preset), **overrides))
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        raise CheckpointError(f"{path_or_preset}: neither a model directory nor a preset name "
+                              f"(presets: {', '.join(sorted(PRESETS))})")
+    return model.to(device) if device is not None else model
+
+
+# ------------------------------------------------------------------------------------------- save
+def write_weights(model: Transformer, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  dtype: torch.dtype | None = None) -> None:
+    """Write config.json, generation_config.json and the safetensors weights into an existing directory."""
+    directory = Path(directory)
+    config = model.config
+    dtype = dtype or model.lm_head.weight.dtype
+    tensors = {name: t.detach().to("cpu", dtype).contiguous().clone()
+               for name, t in lmstack_to_hf(model.state_dict(), config)}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / SINGLE_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / file, metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                        "weight_map": weight_map}, indent=2))
+    dtype_name = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config, dtype_name), indent=2) + "\n")
+    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if getattr(config, k) is not None}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def save_model(model: Transformer, path: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+               dtype: torch.dtype | None = None, extra_files: dict[str, str | bytes | Path] | None = None) -> Path:
+    """Atomically write `model` as a Hugging Face directory at `path`.
+
+    extra_files: name -> text, bytes, or a Path to copy (e.g. tokenizer.json), written into the same directory.
+    """
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        write_weights(model, tmp, max_shard_bytes, dtype)
+        for name, content in (extra_files or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, Path):
+                shutil.copyfile(content, target)
+            elif isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
+    return path
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_model", "load_state_dict", "read_config", "save_model",
+           "write_weights"]

@@ -1,0 +1,198 @@
+"""The one Transformer: token (+ position) embeddings, N pre-norm blocks, a final norm and the LM head.
+
+Parameter names are Hugging Face's Llama names (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
+`model.layers.N.mlp.down_proj`, `model.norm`, `lm_head`), so Llama/Mistral/Qwen2 checkpoints load by
+identity and LoRA `target_modules` match peft. GPT-2 is the same module tree with learned positions,
+LayerNorm, GELU and biases; its fused Conv1D weights are converted in `lmstack.interop.hf`.
+
+Shapes: B batch, T query tokens, S key slots (T, or the KV-cache length), H heads, D head dim, d width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lmstack.config import ModelConfig
+from lmstack.model.attention import Attention
+from lmstack.model.kv_cache import KVCache
+from lmstack.model.mlp import MLP
+from lmstack.model.norm import build_norm
+from lmstack.model.rope import rope_cos_sin, rope_inv_freq, sinusoidal_embedding
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = build_norm(config)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = build_norm(config)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache_slots))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model. `model(input_ids)` (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        embeddings: dict[str, nn.Module] = {"embed_tokens": nn.Embedding(config.vocab_size, config.hidden_size)}
+        if config.position_kind == "learned":
+            embeddings["embed_positions"] = nn.Embedding(config.max_seq_len, config.hidden_size)
+        self.model = nn.ModuleDict({
+            **embeddings,
+            "layers": nn.ModuleList(Block(config) for _ in range(config.num_layers)),
+            "norm": build_norm(config),
+        })
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+        self.reset_buffers()
+
+    # ---------------------------------------------------------------- initialisation
+    def reset_parameters(self) -> None:
+        """GPT-2 / Llama practice: N(0, init_std) weights; the two projections that write into the residual
+        stream (o_proj, down_proj) get init_std / sqrt(2 * num_layers) so the stream's variance stays O(1)
+        with depth; biases zero, norm gains one."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (RoPE frequencies), e.g. after building on the meta device."""
+        device = self.model.embed_tokens.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        self.inv_freq = rope_inv_freq(self.config, device) if self.config.position_kind == "rope" else torch.empty(0)
+
+    # ---------------------------------------------------------------- KV cache
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> None:
+        """Allocate a static KV cache of `max_len` slots for `batch_size` rows in every layer."""
+        if max_len > self.config.max_seq_len and self.config.position_kind == "learned":
+            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
+        weight = self.model.embed_tokens.weight
+        for block in self.model.layers:
+            block.self_attn.kv_cache = KVCache(batch_size, self.config.num_kv_heads, max_len, self.config.head_dim,
+                                               dtype or weight.dtype, device or weight.device)
+
+    def clear_cache(self) -> None:
+        for block in self.model.layers:
+            block.self_attn.kv_cache = None
+
+    @property
+    def cache_len(self) -> int | None:
+        cache = self.model.layers[0].self_attn.kv_cache
+        return None if cache is None else cache.k.shape[2]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). See `hidden_states` for the arguments."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache_slots))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, d).
+
+        attention_mask: (B, T) without a cache, (B, S_max) over cache slots with one; 1 = real token, 0 = padding.
+        position_ids: (B, T); by default counted from the attention mask, so left-padded rows start at 0.
+        cache_slots: (T,) cache slots to write this chunk's keys/values to (requires `setup_cache`).
+        """
+        B, T = input_ids.shape
+        use_cache = cache_slots is not None
+        if use_cache and self.cache_len is None:
+            raise RuntimeError("cache_slots given but no KV cache is set up; call model.setup_cache(...) first")
+        if not use_cache and T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len}")
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = self._default_positions(B, T, attention_mask, cache_slots, device)
+        mask = self._attention_mask(T, attention_mask, cache_slots, device)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        if self.config.position_kind == "learned":
+            x = x + self.model.embed_positions(position_ids)
+        elif self.config.position_kind == "sinusoidal":
+            x = x + sinusoidal_embedding(position_ids, self.config.hidden_size).to(x.dtype)
+        x = self.embed_dropout(x)
+        rope = rope_cos_sin(self.inv_freq, position_ids) if self.config.position_kind == "rope" else None
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, cache_slots, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache_slots)
+        return self.model.norm(x)
+
+    def _default_positions(self, B: int, T: int, attention_mask: torch.Tensor | None,
+                           cache_slots: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """(B, T) positions: slot index, or the count of real tokens before each one when a mask is given."""
+        if attention_mask is None:
+            slots = cache_slots if cache_slots is not None else torch.arange(T, device=device)
+            return slots[None, :].expand(B, T)
+        counted = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) or (B, S_max)
+        return counted if cache_slots is None else counted[:, cache_slots]
+
+    def _attention_mask(self, T: int, attention_mask: torch.Tensor | None, cache_slots: torch.Tensor | None,
+                        device: torch.device) -> torch.Tensor | None:
+        """Boolean (B|1, 1, T, S) mask combining causality, padding and the sliding window; None = plain causal."""
+        window = self.config.sliding_window
+        if cache_slots is None:
+            if attention_mask is None and (window is None or T <= window):
+                return None  # SDPA's is_causal fast path
+            query_slots = torch.arange(T, device=device)
+            key_slots = query_slots
+        else:
+            query_slots = cache_slots
+            key_slots = torch.arange(self.cache_len, device=device)
+        offset = query_slots[:, None] - key_slots[None, :]  # (T, S)
+        mask = offset >= 0
+        if window is not None:
+            mask = mask & (offset < window)
+        mask = mask[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+            # A padding query would see no key at all and SDPA would return NaN; let it see itself.
+            mask = mask | (offset == 0)[None, None]
+        return mask
+
+    # ---------------------------------------------------------------- bookkeeping
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied weights counted once); optionally without the (input/position) embeddings."""
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if exclude_embeddings and ("embed_tokens" in name or "embed_positions" in name):
+                continue
+            total += p.numel()
+        return total
+
+
