@@ -1,0 +1,54 @@
+"""AdamW with decoupled weight decay and the usual no-decay parameter groups.
+
+Weight decay shrinks matrices towards zero; applied to norm gains or biases it only fights the
+model's ability to scale and shift, so those never decay (GPT-2, Llama, nanoGPT practice).
+Embeddings are a lookup table whose rows are updated only when their token appears; decaying them
+every step shrinks rare tokens' rows, so they are left out by default (`decay_embeddings`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmstack.train.config import OptimConfig
+
+_EMBEDDING_NAMES = ("embed_tokens", "embed_positions")
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Split trainable parameters into [decay, no-decay] groups. Tied weights appear once."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for name, param in model.named_parameters():  # named_parameters already skips tied duplicates
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        is_embedding = any(part in name for part in _EMBEDDING_NAMES)
+        if param.ndim < 2 or (is_embedding and not cfg.decay_embeddings):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """torch.optim.AdamW over the model's trainable parameters, two groups (decay / no decay).
+
+    The learning rate is set per step by the engine from the schedule; `cfg.lr` is the initial value.
+    """
+    kwargs: dict = {}
+    if cfg.implementation == "fused":
+        kwargs["fused"] = True
+    elif cfg.implementation == "foreach":
+        kwargs["foreach"] = True
+    elif cfg.implementation == "for-loop":
+        kwargs["foreach"] = False
+    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             **kwargs)
+
+
+__all__ = ["build_optimizer", "parameter_groups"]
