@@ -61,6 +61,8 @@ class ModelConfig:
     family: Family = "llama"
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # ModelConfig(rope_scaling={...}) from Python, like from YAML
+            self.rope_scaling = from_dict(RopeScaling, self.rope_scaling, prefix="rope_scaling.")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
