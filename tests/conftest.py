@@ -11,15 +11,8 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 
 
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        # `--runslow` overrides the default `-m 'not slow'` from pyproject.toml
-        config.option.markexpr = ""
-        for item in items:
-            item.own_markers = [m for m in item.own_markers]
-
-
 def pytest_configure(config):
+    # pyproject.toml's addopts deselects `slow` tests; --runslow (or an explicit -m) brings them back.
     if config.getoption("--runslow"):
         config.option.markexpr = ""
 
