@@ -1,0 +1,425 @@
+"""Tokenizers: train (byte-level BPE, WordPiece, Unigram, char), load any Hugging Face tokenizer directory, save one.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` (the Rust backend; tokenizer.json is the on-disk format) with
+what a model needs around it: the special tokens by role (bos / eos / pad / unk / cls / sep / mask, plus
+extra ones such as ChatML's <|im_start|>), and the chat template. A saved directory holds
+tokenizer.json, tokenizer_config.json (with `chat_template`) and special_tokens_map.json, which
+`transformers.AutoTokenizer.from_pretrained` loads and encodes identically.
+
+`StreamDecoder` turns a stream of token ids into text without ever emitting half a character: byte-level
+BPE pieces can end in the middle of a multi-byte UTF-8 sequence, which decodes to U+FFFD until the next
+piece completes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import tokenizers
+
+from lmstack import chat_template as templates
+from lmstack.atomic import atomic_dir, write_text
+
+Kind = Literal["bpe", "wordpiece", "unigram", "char"]
+KINDS: tuple[str, ...] = ("bpe", "wordpiece", "unigram", "char")
+ROLES: tuple[str, ...] = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")
+CHATML_MARKERS: tuple[str, ...] = templates.TEMPLATE_SPECIAL_TOKENS["chatml"]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory or file is missing or malformed, or a training option is impossible."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Special tokens by role, plus extra ones (chat markers, tool tags); None means the role is unused."""
+
+    bos: str | None = None
+    eos: str | None = None
+    pad: str | None = None
+    unk: str | None = None
+    cls: str | None = None
+    sep: str | None = None
+    mask: str | None = None
+    extra: tuple[str, ...] = ()
+
+    def roles(self) -> dict[str, str]:
+        """{"bos": "<|bos|>", ...} for the roles that are set."""
+        return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
+
+    def all(self) -> list[str]:
+        """Every special token once, roles first: this order fixes their ids (0, 1, ...) in a trained vocabulary."""
+        out: list[str] = []
+        for token in [*self.roles().values(), *self.extra]:
+            if token not in out:
+                out.append(token)
+        return out
+
+    def with_extra(self, tokens: Iterable[str]) -> SpecialTokens:
+        return replace(self, extra=tuple(dict.fromkeys([*self.extra, *tokens])))
+
+    @classmethod
+    def default(cls, kind: str) -> SpecialTokens:
+        """The defaults per kind (README, section tokenizer).
+
+        bpe:       <|bos|> <|eos|> <|pad|> + ChatML markers (byte-level: no unk token is ever needed)
+        unigram:   <s> </s> <pad> <unk> + ChatML markers (SentencePiece conventions)
+        wordpiece: [CLS] [SEP] [PAD] [UNK] [MASK] (BERT); bos=[CLS], eos=[SEP] so documents can be packed
+        char:      <|bos|> <|eos|> <|pad|> <unk> (no chat markers: a character model of one corpus)
+        """
+        if kind == "bpe":
+            return cls(bos="<|bos|>", eos="<|eos|>", pad="<|pad|>", extra=CHATML_MARKERS)
+        if kind == "unigram":
+            return cls(bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", extra=CHATML_MARKERS)
+        if kind == "wordpiece":
+            return cls(bos="[CLS]", eos="[SEP]", pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]")
+        if kind == "char":
+            return cls(bos="<|bos|>", eos="<|eos|>", pad="<|pad|>", unk="<unk>")
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus its special tokens and chat template (the tokenizer_config.json side)."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, special_tokens: SpecialTokens,
+                 chat_template: str | None = None, config: dict[str, Any] | None = None) -> None:
+        # lmstack never pads or truncates inside the tokenizer (the data pipeline and collators do), and
+        # neither does transformers unless asked per call; a tokenizer.json may still carry settings for both.
+        backend.no_padding()
+        backend.no_truncation()
+        self.backend = backend
+        self.special_tokens = special_tokens
+        self.chat_template = chat_template
+        # Other tokenizer_config.json keys (model_max_length, do_lower_case, ...) kept through load/save.
+        self.config: dict[str, Any] = dict(config or {})
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Load a tokenizer directory (tokenizer.json + tokenizer_config.json [+ special_tokens_map.json])."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise TokenizerError(f"{directory}: no such tokenizer directory")
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"{directory}: no tokenizer.json (lmstack reads the `tokenizers` format; convert "
+                                 "a vocab.txt / tokenizer.model-only tokenizer with transformers first)")
+        text = path.read_text(encoding="utf-8")
+        _read_json_text(text, path)  # a JSON syntax error is reported with its line and column
+        try:
+            backend = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # the Rust side raises a bare Exception with serde's message
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+        config = _read_json(directory / "tokenizer_config.json") or {}
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{directory / 'tokenizer_config.json'}: expected a JSON object")
+        token_map = _read_json(directory / "special_tokens_map.json") or {}
+        roles: dict[str, str | None] = {}
+        for role in ROLES:
+            value = config.get(f"{role}_token", token_map.get(f"{role}_token"))
+            roles[role] = _token_content(value)
+        extra_value = (config.get("additional_special_tokens") or config.get("extra_special_tokens")
+                       or token_map.get("additional_special_tokens") or [])
+        if isinstance(extra_value, dict):  # transformers v5 may store named extras
+            extra_value = list(extra_value.values())
+        extra = tuple(t for t in (_token_content(v) for v in extra_value) if t is not None)
+        chat = _read_chat_template(directory, config)
+        kept = {k: v for k, v in config.items() if not _is_managed_key(k)}
+        return cls(backend, SpecialTokens(**roles, extra=extra), chat, kept)
+
+    def files(self) -> dict[str, str]:
+        """{"tokenizer.json": text, "tokenizer_config.json": text, "special_tokens_map.json": text}."""
+        roles = self.special_tokens.roles()
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,  # decode must round-trip; never rewrite " ." to "."
+            **self.config,
+            **{f"{r}_token": t for r, t in roles.items()},
+        }
+        if self.special_tokens.extra:
+            config["additional_special_tokens"] = list(self.special_tokens.extra)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        token_map: dict[str, Any] = {f"{r}_token": t for r, t in roles.items()}
+        if self.special_tokens.extra:
+            token_map["additional_special_tokens"] = list(self.special_tokens.extra)
+        return {
+            "tokenizer.json": self.backend.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+            "special_tokens_map.json": json.dumps(token_map, indent=2, ensure_ascii=False) + "\n",
+        }
+
+    def save(self, directory: str | Path) -> None:
+        """Write the three files. A new directory appears whole or not at all; into an existing one (a
+        checkpoint) each file is replaced atomically and the other files there are left alone."""
+        directory = Path(directory)
+        files = self.files()
+        if directory.exists():
+            if not directory.is_dir():
+                raise TokenizerError(f"{directory}: exists and is not a directory")
+            for name, text in files.items():
+                write_text(directory / name, text)
+            return
+        with atomic_dir(directory) as tmp:
+            for name, text in files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+
+    def sha256(self) -> str:
+        """SHA-256 of the canonical tokenizer.json (sorted keys, compact): identifies the token ids a shard holds."""
+        canonical = json.dumps(json.loads(self.backend.to_str()), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    # ------------------------------------------------------------------ vocabulary and special tokens
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (= len(AutoTokenizer)); an embedding needs at least this many rows."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def _role_id(self, role: str) -> int | None:
+        token = getattr(self.special_tokens, role)
+        return None if token is None else self.backend.token_to_id(token)
+
+    bos_token = property(lambda self: self.special_tokens.bos, doc="the bos token text, or None")
+    eos_token = property(lambda self: self.special_tokens.eos, doc="the eos token text, or None")
+    pad_token = property(lambda self: self.special_tokens.pad, doc="the pad token text, or None")
+    unk_token = property(lambda self: self.special_tokens.unk, doc="the unk token text, or None")
+    bos_token_id = property(lambda self: self._role_id("bos"), doc="id of the bos token, or None")
+    eos_token_id = property(lambda self: self._role_id("eos"), doc="id of the eos token, or None")
+    pad_token_id = property(lambda self: self._role_id("pad"), doc="id of the pad token, or None")
+    unk_token_id = property(lambda self: self._role_id("unk"), doc="id of the unk token, or None")
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        ids = (self.backend.token_to_id(t) for t in self.special_tokens.all())
+        return [i for i in ids if i is not None]
+
+    # ------------------------------------------------------------------ encoding and decoding
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Text -> ids (T,). `add_special_tokens` applies the post-processor (bos for bpe/unigram/char,
+        [CLS] ... [SEP] for wordpiece); the default is off because packing inserts its own eos."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """B texts -> B id lists of their own lengths (no padding), encoded in parallel by the Rust backend."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        """Text -> token strings (the pieces as the vocabulary spells them, e.g. 'Ġworld', '##ing', '▁the')."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).tokens
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Ids (T,) -> text. An id outside the vocabulary is an error (the backend would silently drop it)."""
+        ids = [int(i) for i in ids]
+        size = self.vocab_size
+        for i in ids:
+            if not 0 <= i < size:
+                raise TokenizerError(f"token id {i} is outside the vocabulary (size {size})")
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ chat
+    def _template_variables(self) -> dict[str, str]:
+        # transformers passes the named special tokens that are set (unset ones stay undefined -> '').
+        return {f"{r}_token": t for r, t in self.special_tokens.roles().items()}
+
+    def _require_template(self) -> str:
+        if self.chat_template is None:
+            raise TokenizerError("this tokenizer has no chat_template; train or save it with one "
+                                 "(`--chat-template chatml|llama3|PATH`) or set Tokenizer.chat_template")
+        return self.chat_template
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """Render a conversation to text, exactly as transformers' apply_chat_template(tokenize=False)."""
+        return templates.render(self._require_template(), messages, add_generation_prompt,
+                                self._template_variables())
+
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Conversation -> (ids (T,), mask (T,)): mask is 1 on the tokens of assistant output, including the
+        turn's end marker (<|im_end|> / <|eot_id|>), which SFT trains on; 0 on everything else.
+
+        The text is encoded without extra special tokens: the template itself writes bos where the family
+        wants it (as transformers' apply_chat_template(tokenize=True) does).
+        """
+        text, spans = templates.render_with_assistant_spans(self._require_template(), messages,
+                                                            add_generation_prompt, self._template_variables())
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        mask = [0] * len(encoding.ids)
+        span_index = 0
+        for t, (start, end) in enumerate(encoding.offsets):
+            # offsets and spans both ascend: walk them together; a token belongs to a span it overlaps
+            while span_index < len(spans) and spans[span_index][1] <= start:
+                span_index += 1
+            if span_index < len(spans) and start < spans[span_index][1] and end > spans[span_index][0]:
+                mask[t] = 1
+        return list(encoding.ids), mask
+
+    def __repr__(self) -> str:
+        model = json.loads(self.backend.model.__getstate__())["type"]
+        return (f"Tokenizer({model}, vocab_size={self.vocab_size}, special={self.special_tokens.all()}, "
+                f"chat_template={'yes' if self.chat_template else 'no'})")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load a tokenizer directory (same as Tokenizer.load)."""
+    return Tokenizer.load(directory)
+
+
+def train_tokenizer(files_or_iterator: Sequence[str | os.PathLike[str]] | Iterator[str] | Iterable[str],
+                    kind: Kind, vocab_size: int | None, min_frequency: int | None = None,
+                    special_tokens: SpecialTokens | None = None,
+                    chat_template: str | None = "default", show_progress: bool = False) -> Tokenizer:
+    """Train a tokenizer of `kind` on text.
+
+    files_or_iterator: a list/tuple of text file paths (read by the Rust trainer), or any other iterable
+        (e.g. a generator) of text strings.
+    vocab_size: target vocabulary including special tokens (bpe needs >= 256 + specials). For `char`, None
+        keeps every distinct character; a number keeps the most frequent ones (the rest map to unk).
+    min_frequency: bpe/wordpiece merge threshold (default 2); char: drop characters seen fewer times
+        (default 1, i.e. keep all); unigram has no such threshold and rejects a value other than None/1.
+    special_tokens: defaults to SpecialTokens.default(kind).
+    chat_template: "default" (ChatML for bpe/unigram, none for wordpiece/char), "chatml", "llama3", a file
+        path, raw Jinja source (containing '{%' or '{{'), or None. The markers a built-in template needs
+        are added to the special tokens.
+    """
+    if kind not in KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
+    special = special_tokens if special_tokens is not None else SpecialTokens.default(kind)
+    source: str | None
+    if chat_template == "default":
+        source = templates.CHATML if kind in ("bpe", "unigram") else None
+        if source is not None:
+            special = special.with_extra(CHATML_MARKERS)
+    elif chat_template is None:
+        source = None
+    elif chat_template in templates.BUILTIN_TEMPLATES:
+        source = templates.BUILTIN_TEMPLATES[chat_template]
+        special = special.with_extra(templates.TEMPLATE_SPECIAL_TOKENS[chat_template])
+    elif "{%" in chat_template or "{{" in chat_template:
+        source = chat_template
+    else:
+        source = templates.resolve_template(chat_template)
+    if kind == "unigram" and min_frequency not in (None, 1):
+        raise TokenizerError("min_frequency does not apply to unigram (its trainer prunes by likelihood)")
+    from lmstack.tokenizer_train import train_backend  # the trainers import this module's types
+
+    backend = train_backend(_training_source(files_or_iterator), kind, vocab_size,
+                            min_frequency if min_frequency is not None else (1 if kind == "char" else 2),
+                            special, show_progress)
+    return Tokenizer(backend, special, source)
+
+
+def _training_source(files_or_iterator: Any) -> list[str] | Iterator[str]:
+    if isinstance(files_or_iterator, (str, os.PathLike)):
+        files_or_iterator = [files_or_iterator]
+    if isinstance(files_or_iterator, (list, tuple)):
+        paths = [os.fspath(p) for p in files_or_iterator]
+        if not paths:
+            raise TokenizerError("no training files given")
+        for p in paths:
+            if not os.path.isfile(p):
+                raise TokenizerError(f"{p}: no such training file (pass an iterator to train on in-memory text)")
+        return paths
+    return iter(files_or_iterator)
+
+
+# ---------------------------------------------------------------------- tokenizer_config.json helpers
+def _read_json_text(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: corrupt JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    return _read_json_text(path.read_text(encoding="utf-8"), path)
+
+
+def _token_content(value: Any) -> str | None:
+    # tokenizer_config.json stores a token as a string or as a serialized AddedToken {"content": ..., ...}
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TokenizerError(f"unrecognised special token entry {value!r}")
+
+
+def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    jinja = directory / "chat_template.jinja"  # where transformers >= 4.43 saves it
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    value = config.get("chat_template")
+    if isinstance(value, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
+
+
+def _is_managed_key(key: str) -> bool:
+    return (key in {"chat_template", "additional_special_tokens", "extra_special_tokens", "added_tokens_decoder"}
+            or key.endswith("_token") and key[: -len("_token")] in ROLES)
+
+
+class StreamDecoder:
+    """Incremental detokenisation that never emits part of a character (the scheme of vLLM / TGI).
+
+    It keeps a short window of ids: `prefix` (already emitted) and the new ones. Each push decodes the
+    window twice, without and with the new ids, and emits the difference, unless the longer text ends in
+    U+FFFD: then a multi-byte character is still incomplete and nothing is emitted until it is. Decoding a
+    window rather than single ids keeps context-dependent decoders right (Metaspace's leading space,
+    WordPiece's '##' joins, byte-level merges across ids).
+    """
+
+    # ids of context decoded before the new ones: enough for any decoder's look-behind
+    CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = [int(i) for i in prompt_ids]
+        self._prefix = max(len(self._ids) - self.CONTEXT, 0)  # window start
+        self._read = len(self._ids)  # everything before this index has been emitted (or is prompt)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the newly completed text ('' while a character is incomplete)."""
+        self._ids.append(int(token_id))
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """Return whatever is still held back (an incomplete character decodes as U+FFFD) and reset the window."""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        self._prefix = max(len(self._ids) - self.CONTEXT, 0)
+        self._read = len(self._ids)
+        return text[len(prefix_text):]
+
+
+__all__ = ["KINDS", "Kind", "SpecialTokens", "StreamDecoder", "Tokenizer", "TokenizerError", "load_tokenizer",
+           "train_tokenizer"]
