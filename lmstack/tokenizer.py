@@ -171,9 +171,14 @@ class Tokenizer:
                 (tmp / name).write_text(text, encoding="utf-8")
 
     def sha256(self) -> str:
-        """SHA-256 of the canonical tokenizer.json (sorted keys, compact): identifies the token ids a shard holds."""
-        canonical = json.dumps(json.loads(self.backend.to_str()), sort_keys=True, separators=(",", ":"),
-                               ensure_ascii=False)
+        """SHA-256 of the canonical tokenizer.json: identifies the token ids a shard holds.
+
+        Canonical = sorted keys, compact separators, UTF-8, and floats (unigram scores) rounded to 12
+        significant digits, because the Rust JSON reader does not parse floats exactly: a saved and
+        reloaded unigram tokenizer differs from the trained one in the last bits of its scores.
+        """
+        canonical = json.dumps(_round_floats(json.loads(self.backend.to_str())), sort_keys=True,
+                               separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------ vocabulary and special tokens
@@ -323,7 +328,8 @@ def train_tokenizer(files_or_iterator: Sequence[str | os.PathLike[str]] | Iterat
     backend = train_backend(_training_source(files_or_iterator), kind, vocab_size,
                             min_frequency if min_frequency is not None else (1 if kind == "char" else 2),
                             special, show_progress)
-    return Tokenizer(backend, special, source)
+    # Continue from the serialised form, so the returned tokenizer is exactly what a reload of it gives.
+    return Tokenizer(tokenizers.Tokenizer.from_str(backend.to_str()), special, source)
 
 
 def _training_source(files_or_iterator: Any) -> list[str] | Iterator[str]:
@@ -338,6 +344,16 @@ def _training_source(files_or_iterator: Any) -> list[str] | Iterator[str]:
                 raise TokenizerError(f"{p}: no such training file (pass an iterator to train on in-memory text)")
         return paths
     return iter(files_or_iterator)
+
+
+def _round_floats(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, list):
+        return [_round_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _round_floats(v) for k, v in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------- tokenizer_config.json helpers

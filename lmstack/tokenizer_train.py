@@ -23,7 +23,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from lmstack import tokenizer as _tok
 
 BYTE_ALPHABET_SIZE = 256
-_READ_CHUNK = 1 << 20  # characters per read when counting characters of a file
+_READ_CHUNK = 1 << 20  # about this many characters per block of a training file
 
 
 def train_backend(source: list[str] | Iterator[str], kind: str, vocab_size: int | None, min_frequency: int,
@@ -84,10 +84,7 @@ def train_backend(source: list[str] | Iterator[str], kind: str, vocab_size: int 
 
 
 def _train(backend: tokenizers.Tokenizer, trainer: trainers.Trainer, source: list[str] | Iterator[str]) -> None:
-    if isinstance(source, list):
-        backend.train(source, trainer)
-    else:
-        backend.train_from_iterator(source, trainer)
+    backend.train_from_iterator(_iter_texts(source), trainer)
     if backend.get_vocab_size() == len(trainer.special_tokens):
         raise _tok.TokenizerError("the training text is empty: no tokens were learned")
 
@@ -118,10 +115,13 @@ def _iter_texts(source: list[str] | Iterator[str]) -> Iterator[str]:
     if not isinstance(source, list):
         yield from source
         return
+    # Files are read here rather than by the Rust trainer, which aborts on the first invalid UTF-8 byte
+    # (real corpora have them, e.g. Latin-1 leftovers); those become U+FFFD. Blocks end at line ends so
+    # no word is cut in two.
     for path in source:
         with open(path, encoding="utf-8", errors="replace") as f:
-            while chunk := f.read(_READ_CHUNK):
-                yield chunk
+            while lines := f.readlines(_READ_CHUNK):
+                yield "".join(lines)
 
 
 def _train_char(source: list[str] | Iterator[str], vocab_size: int | None, min_frequency: int,
