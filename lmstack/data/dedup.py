@@ -25,7 +25,6 @@ import numpy as np
 
 _WORD = re.compile(r"\w+")
 _SPACE = re.compile(r"\s+")
-_MERSENNE_61 = (1 << 61) - 1
 
 
 @dataclass
@@ -74,25 +73,28 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class MinHasher:
-    """P universal hash functions h_i(x) = (a_i x + b_i) mod (2^61 - 1) and their minimums over a set."""
+    """P independent hash functions h_i(x) = splitmix64(x XOR seed_i) and their minimums over a set.
+
+    (A linear family (a*x + b) mod p needs 128-bit products to wrap properly; kept inside 64 bits it
+    barely wraps, the minimum then tracks the smallest x for every i, and the estimate's variance
+    is several times the binomial J(1-J)/P. The splitmix64 finaliser behaves like a random function.)
+    """
 
     def __init__(self, num_perm: int, seed: int = 1) -> None:
         rng = np.random.default_rng(seed)
-        # a < 2^31 and x < 2^32 (folded) keep a*x + b < 2^64: exact arithmetic in uint64, no overflow
-        self.a = rng.integers(1, 1 << 31, size=num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, _MERSENNE_61, size=num_perm, dtype=np.uint64)
+        self.seeds = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64, endpoint=True)
         self.num_perm = num_perm
 
-    def signature(self, shingles: np.ndarray, block: int = 4096) -> np.ndarray:
+    def signature(self, shingles: np.ndarray, block: int = 2048) -> np.ndarray:
         """(S,) uint64 shingle hashes -> (P,) uint64 signature; blocks of S bound memory to block*P*8 bytes."""
         sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
-        if len(shingles) == 0:
-            return sig
-        x = (shingles ^ (shingles >> np.uint64(32))) & np.uint64(0xFFFFFFFF)  # fold 64 -> 32 bits
-        for start in range(0, len(x), block):
-            xs = x[start:start + block, None]  # (s, 1)
-            values = (xs * self.a[None, :] + self.b[None, :]) % np.uint64(_MERSENNE_61)  # (s, P)
-            np.minimum(sig, values.min(axis=0), out=sig)
+        with np.errstate(over="ignore"):
+            for start in range(0, len(shingles), block):
+                z = shingles[start:start + block, None] ^ self.seeds[None, :]  # (s, P)
+                z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+                z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+                z ^= z >> np.uint64(31)
+                np.minimum(sig, z.min(axis=0), out=sig)
         return sig
 
 

@@ -171,11 +171,16 @@ def read_text_file(path: Path, unit: TextUnit, stats: IngestStats) -> Iterator[D
                 buffer.append(raw_line)
             elif buffer:
                 stats.records += 1
-                yield Document(decode_utf8(b"".join(buffer), stats), f"{path}:{start_line}")
+                yield Document(_paragraph(buffer, stats), f"{path}:{start_line}")
                 buffer = []
         if buffer:
             stats.records += 1
-            yield Document(decode_utf8(b"".join(buffer), stats), f"{path}:{start_line}")
+            yield Document(_paragraph(buffer, stats), f"{path}:{start_line}")
+
+
+def _paragraph(lines: list[bytes], stats: IngestStats) -> str:
+    # the last line's break terminates the paragraph; it is not part of its text
+    return decode_utf8(b"".join(lines).rstrip(b"\r\n"), stats)
 
 
 def read_jsonl(path: Path, text_field: str, strict: bool, stats: IngestStats) -> Iterator[Document]:

@@ -1,0 +1,72 @@
+"""Resume: a real `lmstack data prepare` process killed after its first shard leaves only finished
+shards; rerunning keeps them (same inodes) and produces exactly the reference token stream."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+
+from lmstack.data.pipeline import PrepareConfig, prepare, work_dir_for
+from lmstack.schema import from_dict
+from lmstack.tokenizer import train_tokenizer
+from .test_data_prepare import make_doc, read_split
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_killed_run_resumes_from_its_finished_shards(tmp_path: Path, capfd) -> None:
+    rng = random.Random(5)
+    docs = [make_doc(rng, 6) for _ in range(1500)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(docs), encoding="utf-8")
+    tok_dir = tmp_path / "tok"
+    train_tokenizer(iter(docs[:200]), "bpe", 400).save(tok_dir)
+    out = tmp_path / "out"
+    args = ["--input", str(corpus), "--text-unit", "paragraph", "--tokenizer", str(tok_dir), "-o", str(out),
+            "--val-fraction", "0", "--shard-size-mb", "0.01", "--no-clean", "--no-dedup", "--workers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "lmstack", "data", "prepare", *args], cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    shard_dir = work_dir_for(out) / "shards" / "train"
+    deadline = time.monotonic() + 120
+    while not (shard_dir / "shard-00000.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+    assert not out.exists()  # nothing published
+    finished = sorted(shard_dir.glob("shard-*.json"))
+    all_bins = [p for p in shard_dir.glob("shard-*.bin") if not p.name.endswith(".docs.bin")]
+    num_chunks = len(list((work_dir_for(out) / "spool" / "train").glob("chunk-*.idx")))
+    assert 1 <= len(finished) < num_chunks, (len(finished), num_chunks)
+    # any shard file under a final name is complete: it has its .json (a killed write is a hidden .tmp)
+    assert {p.name[:-4] for p in all_bins} == {p.name[:-5] for p in finished}
+    inodes = {p.name[:-5]: (shard_dir / (p.name[:-5] + ".bin")).stat().st_ino for p in finished}
+
+    cfg = from_dict(PrepareConfig, {"inputs": [str(corpus)], "text_unit": "paragraph", "tokenizer": str(tok_dir),
+                                    "output": str(out), "val_fraction": 0.0, "shard_chars": 10_000,
+                                    "clean": False, "dedup": {"exact": False, "near": False}, "workers": 2})
+    prepare(cfg)
+    assert f"resuming: {len(finished)} finished shards kept" in capfd.readouterr().err
+    assert not work_dir_for(out).exists()
+    for stem, inode in inodes.items():  # published by hard link: the very files written before the kill
+        assert (out / "train" / f"{stem}.bin").stat().st_ino == inode
+    index, got = read_split(out / "train")
+    assert len(index["shards"]) == num_chunks
+    ref = tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    want = [e.ids + [index["eos_token_id"]] for e in ref.encode_batch(docs, add_special_tokens=False)]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    val_index, val_docs = read_split(out / "val")
+    assert val_index["num_tokens"] == 0 and val_docs == []
