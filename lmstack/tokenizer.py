@@ -116,19 +116,19 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the Rust side raises a bare Exception with serde's message
             raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
-        config = _read_json(directory / "tokenizer_config.json") or {}
-        if not isinstance(config, dict):
-            raise TokenizerError(f"{directory / 'tokenizer_config.json'}: expected a JSON object")
-        token_map = _read_json(directory / "special_tokens_map.json") or {}
+        config = _read_json_object(directory / "tokenizer_config.json")
+        token_map = _read_json_object(directory / "special_tokens_map.json")
+        where = directory / "tokenizer_config.json"
         roles: dict[str, str | None] = {}
         for role in ROLES:
             value = config.get(f"{role}_token", token_map.get(f"{role}_token"))
-            roles[role] = _token_content(value)
+            roles[role] = _token_content(value, f"{where}: {role}_token")
         extra_value = (config.get("additional_special_tokens") or config.get("extra_special_tokens")
                        or token_map.get("additional_special_tokens") or [])
         if isinstance(extra_value, dict):  # transformers v5 may store named extras
             extra_value = list(extra_value.values())
-        extra = tuple(t for t in (_token_content(v) for v in extra_value) if t is not None)
+        extra = tuple(t for t in (_token_content(v, f"{where}: additional_special_tokens") for v in extra_value)
+                      if t is not None)
         chat = _read_chat_template(directory, config)
         kept = {k: v for k, v in config.items() if not _is_managed_key(k)}
         return cls(backend, SpecialTokens(**roles, extra=extra), chat, kept)
@@ -137,8 +137,7 @@ class Tokenizer:
         """{"tokenizer.json": text, "tokenizer_config.json": text, "special_tokens_map.json": text}."""
         roles = self.special_tokens.roles()
         config: dict[str, Any] = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "clean_up_tokenization_spaces": False,  # decode must round-trip; never rewrite " ." to "."
+            "tokenizer_class": "PreTrainedTokenizerFast",  # the generic tokenizer.json-backed class
             **self.config,
             **{f"{r}_token": t for r, t in roles.items()},
         }
@@ -186,6 +185,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (= len(AutoTokenizer)); an embedding needs at least this many rows."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def model_type(self) -> str:
+        """The tokenizers model: 'BPE', 'WordPiece', 'Unigram' or 'WordLevel' (the char kind)."""
+        return type(self.backend.model).__name__
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -277,8 +281,7 @@ class Tokenizer:
         return list(encoding.ids), mask
 
     def __repr__(self) -> str:
-        model = json.loads(self.backend.model.__getstate__())["type"]
-        return (f"Tokenizer({model}, vocab_size={self.vocab_size}, special={self.special_tokens.all()}, "
+        return (f"Tokenizer({self.model_type}, vocab_size={self.vocab_size}, special={self.special_tokens.all()}, "
                 f"chat_template={'yes' if self.chat_template else 'no'})")
 
 
@@ -329,7 +332,9 @@ def train_tokenizer(files_or_iterator: Sequence[str | os.PathLike[str]] | Iterat
                             min_frequency if min_frequency is not None else (1 if kind == "char" else 2),
                             special, show_progress)
     # Continue from the serialised form, so the returned tokenizer is exactly what a reload of it gives.
-    return Tokenizer(tokenizers.Tokenizer.from_str(backend.to_str()), special, source)
+    # transformers must not "clean up" decoded text (" ." -> "."): decode has to round-trip, as ours does.
+    return Tokenizer(tokenizers.Tokenizer.from_str(backend.to_str()), special, source,
+                     config={"clean_up_tokenization_spaces": False})
 
 
 def _training_source(files_or_iterator: Any) -> list[str] | Iterator[str]:
@@ -364,19 +369,23 @@ def _read_json_text(text: str, path: Path) -> Any:
         raise TokenizerError(f"{path}: corrupt JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
-def _read_json(path: Path) -> Any:
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """An optional JSON object file: {} when absent."""
     if not path.is_file():
-        return None
-    return _read_json_text(path.read_text(encoding="utf-8"), path)
+        return {}
+    value = _read_json_text(path.read_text(encoding="utf-8"), path)
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
-def _token_content(value: Any) -> str | None:
+def _token_content(value: Any, where: str) -> str | None:
     # tokenizer_config.json stores a token as a string or as a serialized AddedToken {"content": ..., ...}
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise TokenizerError(f"unrecognised special token entry {value!r}")
+    raise TokenizerError(f"{where}: expected a token string or {{\"content\": ...}}, got {value!r}")
 
 
 def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:

@@ -167,8 +167,7 @@ def _info_main(argv: list[str]) -> int:
     parser.add_argument("tokenizer", help="tokenizer directory")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
-    model = json.loads(tokenizer.backend.to_str())["model"]["type"]
-    print(f"model          {model}")
+    print(f"model          {tokenizer.model_type}")
     print(f"vocab size     {tokenizer.vocab_size}")
     for role, token in tokenizer.special_tokens.roles().items():
         print(f"{role + '_token':<14} {token!r} (id {tokenizer.token_to_id(token)})")

