@@ -73,6 +73,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string; accept what float() reads
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
