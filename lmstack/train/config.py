@@ -82,6 +82,7 @@ class TrainConfig:
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # also write TensorBoard events (needs the tensorboard package)
+    threads: int | None = None  # torch intra-op threads; null = torch's default (all cores, or OMP_NUM_THREADS)
     peak_flops: float | None = None  # per-device FLOP/s for MFU; null = measured (CPU) or looked up (CUDA)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,8 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"train.threads must be positive or null, got {self.threads}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
 

@@ -1,0 +1,84 @@
+"""Device, precision policy and the FLOP/s peak used for MFU.
+
+Policy (DESIGN.md): fp32 on CPU; bf16 autocast with fp32 master weights on CUDA. A CPU without
+native bf16 instructions (AVX-512 BF16 or AMX) emulates bf16 matmuls ~100x slower than fp32, so
+asking for bf16 there is refused with the reason rather than silently slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matmul instructions (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    except OSError:  # not Linux: ask oneDNN
+        with contextlib.suppress(Exception):
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    """"auto" -> this process's GPU when CUDA is available, else the CPU."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but torch.cuda.is_available() is False (CPU-only torch build "
+                         "or no visible GPU); use train.device=cpu")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.precision` on `device`; None = plain fp32."""
+    if choice == "fp32" or (choice == "auto" and device.type == "cpu"):
+        return None
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError("train.precision=bf16 refused: this CPU has no native bf16 instructions (no AVX-512 BF16 "
+                         "or AMX), so bf16 matmuls are emulated and run ~100x slower than fp32. "
+                         "Use train.precision=fp32 (the CPU default)")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} does not support bf16")
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device`, or a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets.
+_CUDA_BF16_PEAKS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+                    "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def measure_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    """This machine's fp32 GEMM FLOP/s: the best of `repeats` (size x size) @ (size x size) products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm up the BLAS threads
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
+    """Per-device peak FLOP/s for MFU: measured fp32 GEMM on CPU, the data-sheet bf16 peak on known GPUs."""
+    if device.type == "cpu":
+        return measure_cpu_matmul_flops()
+    if dtype is torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, flops in _CUDA_BF16_PEAKS.items():
+            if key in name:
+                return flops
+    return None

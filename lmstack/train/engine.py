@@ -1,0 +1,258 @@
+"""The one training loop. Pretraining, SFT, LoRA, DPO and distillation differ only in what they pass in:
+
+    Engine(model, objective, batches, train_cfg, optim_cfg, schedule_cfg, ...).fit()
+
+- objective(model, batch) -> scalar loss (mean over the micro-batch); see lmstack.train.objectives.
+- batches.micro_batches(step) -> this rank's micro-batches for optimizer step `step`. Batches are a
+  pure function of the step (lmstack.data.loader), which is what makes resume exact.
+- which parameters train: their `requires_grad` (LoRA freezes the base model before building the engine).
+
+Per step: for each micro-batch, forward + loss under the precision policy, backward of loss / A (with
+the gradient all-reduce only on the last micro-batch); loss averaged over ranks; global-norm clipping
+(the norm is logged every step); a non-finite loss or norm skips the update; AdamW step with the
+learning rate from the schedule. Dropout randomness is reseeded from (seed, step, rank) at every
+step, so it too is a pure function of the step. Rank 0 logs, plots and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from tqdm import tqdm
+
+from lmstack import __version__
+from lmstack.train import checkpoint as ckpt
+from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from lmstack.train.device import autocast, peak_flops, resolve_device, resolve_precision
+from lmstack.train.distributed import (DistContext, all_reduce_mean, as_local_tensor, full_model_state,
+                                       full_optimizer_state, gradient_sync, load_full_optimizer_state, wrap_model)
+from lmstack.train.metrics import MetricsLog, mfu
+from lmstack.train.optim import build_optimizer
+from lmstack.train.plot import plot_loss_curve
+from lmstack.train.schedule import lr_at, set_lr
+
+Batch = Any  # a tensor, or a tuple / list / dict of tensors
+Objective = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """Where training batches come from: a pure function of the optimizer step."""
+
+    tokens_per_step: int  # tokens in one optimizer step across all ranks (for throughput)
+
+    def micro_batches(self, step: int) -> Sequence[Batch]: ...
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (e.g. the loss stayed non-finite); printed as one line by the CLI."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    wall_s: float
+    checkpoint: Path | None
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor in a (nested) batch to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch RNG seed for one (step, rank): dropout masks are reproducible from the step alone."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class Engine:
+    """Trains `model` with `objective` on `batches`; see the module docstring."""
+
+    def __init__(self, model: nn.Module, objective: Objective, batches: BatchSource, cfg: TrainConfig,
+                 optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, out_dir: str | Path | None = None,
+                 val_batches: Sequence[Batch] | None = None, dist: DistContext | None = None,
+                 resume_from: str | Path | None = None, extra_files: dict[str, Path] | None = None,
+                 run_config: dict[str, Any] | None = None, flops_per_token: float | None = None):
+        self.cfg, self.optim_cfg, self.schedule_cfg = cfg, optim_cfg, schedule_cfg
+        self.objective, self.batches, self.val_batches = objective, batches, val_batches
+        self.dist = dist or DistContext()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.extra_files, self.run_config = extra_files or {}, run_config or {}
+        self.device = resolve_device(cfg.device, self.dist.local_rank)
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        self.start_step, self.best_val_loss, self.nonfinite_streak = 0, math.inf, 0
+
+        checkpoint = ckpt.load_checkpoint(resume_from) if resume_from is not None else None
+        if checkpoint is not None:  # weights go in before wrapping: FSDP shards whatever the model holds then
+            model.load_state_dict(checkpoint.model_state)
+            self._restore_counters(checkpoint.trainer_state)
+        self.base_model = model  # parameter names without DDP's "module." prefix
+        if hasattr(model, "gradient_checkpointing"):
+            model.gradient_checkpointing = cfg.gradient_checkpointing
+        model.to(self.device)
+        if cfg.compile:
+            model.compile()  # in place: parameter names (and so checkpoints) are unchanged
+        self.model = wrap_model(model, cfg.distributed, self.dist, self.device)
+        self.optimizer = build_optimizer(model, optim_cfg)
+        if checkpoint is not None:
+            load_full_optimizer_state(model, self.optimizer, checkpoint.optimizer_state)
+        if flops_per_token is None and hasattr(model, "config"):
+            from lmstack.info import model_cost
+            flops_per_token = model_cost(model.config, context=cfg.seq_len).training_flops_per_token
+        self.flops_per_token = flops_per_token
+        self.peak_flops = cfg.peak_flops or (peak_flops(self.device, self.autocast_dtype) if self.dist.is_main else None)
+
+    def _restore_counters(self, state: dict[str, Any]) -> None:
+        self.start_step = int(state["step"])
+        self.best_val_loss = float(state.get("best_val_loss") or math.inf)
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size and self.dist.is_main:
+            print(f"lmstack: resuming a {saved_world}-process checkpoint with {self.dist.world_size} processes; "
+                  "weights and optimizer state are unsharded, so this is exact if the global batch is unchanged")
+
+    # ------------------------------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> tuple[float, float, bool]:
+        """One optimizer step -> (loss averaged over micro-batches and ranks, gradient norm, applied?)."""
+        self.model.train()
+        set_lr(self.optimizer, lr_at(step, self.optim_cfg.lr, self.schedule_cfg, self.cfg.steps))
+        torch.manual_seed(step_seed(self.cfg.seed, step, self.dist.rank))
+        micro_batches = self.batches.micro_batches(step)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with gradient_sync(self.model, enabled=last):
+                with autocast(self.device, self.autocast_dtype):
+                    loss = self.objective(self.model, to_device(batch, self.device))
+                (loss / len(micro_batches)).backward()
+            loss_sum += loss.detach().float()
+        loss_mean = all_reduce_mean(loss_sum / len(micro_batches), self.dist)
+        params = [p for p in self.base_model.parameters() if p.grad is not None]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
+        grad_norm = as_local_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        loss_value, norm_value = loss_mean.item(), grad_norm.item()  # gradients are all-reduced: same on all ranks
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value, finite
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean objective over the fixed validation batches (each rank its share), averaged over ranks."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for batch in self.val_batches:
+            with autocast(self.device, self.autocast_dtype):
+                total += self.objective(self.model, to_device(batch, self.device)).float()
+        self.model.train()
+        return all_reduce_mean(total / len(self.val_batches), self.dist).item()
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        cfg, main = self.cfg, self.dist.is_main
+        log = MetricsLog(self.out_dir, self.start_step if self.start_step else None, cfg.tensorboard) \
+            if main and self.out_dir is not None else None
+        bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not (main and cfg.progress), unit="step",
+                   dynamic_ncols=True, desc="train")
+        tokens_per_step = self.batches.tokens_per_step
+        started, last_loss, val_loss, saved = time.perf_counter(), None, None, None
+        try:
+            for step in range(self.start_step, cfg.steps):
+                t0 = time.perf_counter()
+                loss, grad_norm, applied = self.train_step(step)
+                dt = time.perf_counter() - t0
+                done = step + 1
+                if not applied:
+                    self.nonfinite_streak += 1
+                    if log:
+                        log.log({"kind": "skip", "step": done, "loss": _json_float(loss),
+                                 "grad_norm": _json_float(grad_norm), "reason": "non-finite loss or gradient norm"})
+                    if main:
+                        tqdm.write(f"step {done}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                                   f"update skipped ({self.nonfinite_streak} in a row)")
+                    if self.nonfinite_streak >= cfg.max_nonfinite:
+                        raise TrainingError(f"stopping at step {done}: {self.nonfinite_streak} steps in a row had a "
+                                            "non-finite loss or gradient norm (lower optim.lr, set train.grad_clip, "
+                                            "or check the data)")
+                else:
+                    self.nonfinite_streak, last_loss = 0, loss
+                    tokens_per_s = tokens_per_step / dt
+                    utilisation = mfu(tokens_per_s, self.flops_per_token or 0, self.peak_flops, self.dist.world_size)
+                    if log and (done % cfg.log_every == 0 or done == cfg.steps):
+                        log.log({"kind": "train", "step": done, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                 "grad_norm": grad_norm, "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_s,
+                                 "mfu": utilisation, "step_s": dt, "elapsed_s": time.perf_counter() - started})
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                                    mfu="-" if utilisation is None else f"{100 * utilisation:.1f}%", refresh=False)
+                bar.update(1)
+                val_now = None
+                if self.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+                    val_loss = val_now = self.evaluate()
+                    if log:
+                        log.log({"kind": "eval", "step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
+                        plot_loss_curve(log.records, self.out_dir / "loss.png", title=str(self.out_dir))
+                    if main:
+                        tqdm.write(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}")
+                if self.out_dir is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                                                 or done == cfg.steps):
+                    saved = self.save(done, val_now)
+        finally:
+            bar.close()
+            if log:
+                if log.records:
+                    plot_loss_curve(log.records, self.out_dir / "loss.png", title=str(self.out_dir))
+                log.close()
+        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
+        return TrainResult(cfg.steps, last_loss, val_loss, best, time.perf_counter() - started, saved)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save(self, step: int, val_loss: float | None) -> Path:
+        """Write checkpoint `step` (all ranks gather the full state; rank 0 writes; all wait for it)."""
+        model_state = full_model_state(self.base_model)
+        optimizer_state = full_optimizer_state(self.base_model, self.optimizer)
+        root = self.out_dir / "checkpoints"
+        path = ckpt.step_dir(root, step)
+        is_best = val_loss is not None and val_loss < self.best_val_loss
+        if is_best:
+            self.best_val_loss = val_loss
+        if self.dist.is_main:
+            state_fn = getattr(self.batches, "state_dict", None)
+            trainer_state = {
+                "step": step, "tokens_seen": step * self.batches.tokens_per_step, "val_loss": val_loss,
+                "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+                "nonfinite_streak": self.nonfinite_streak, "world_size": self.dist.world_size, "seed": self.cfg.seed,
+                "data": state_fn(step) if state_fn else {"next_step": step},
+                "rng": {"scheme": "torch.manual_seed(SeedSequence([seed, step, rank])) before every step"},
+                "lmstack_version": __version__, "run_config": self.run_config,
+            }
+            ckpt.save_checkpoint(path, self.base_model.config, model_state, optimizer_state, trainer_state,
+                                 self.extra_files)
+            if is_best:
+                ckpt.record_best(root, path, val_loss, step)
+            ckpt.prune_checkpoints(root, self.cfg.keep_last)
+        if self.dist.enabled:
+            torch_dist.barrier()
+        return path
+
+
+def _json_float(value: float) -> float | str:
+    """JSON has no NaN/inf: write them as strings."""
+    return value if math.isfinite(value) else str(value)
