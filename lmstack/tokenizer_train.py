@@ -71,8 +71,10 @@ def train_backend(source: list[str] | Iterator[str], kind: str, vocab_size: int 
             raise _tok.TokenizerError("unigram needs an unk token (characters outside its alphabet become unk)")
         backend = tokenizers.Tokenizer(models.Unigram())
         backend.normalizer = normalizers.NFKC()
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        # "first": only the start of the text gets a '▁', not every piece after a special token, so a
+        # rendered chat ("<|im_start|>user\n...") decodes back without spaces the template never wrote.
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
         trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=special.unk,
                                           max_piece_length=16, show_progress=show_progress)
         _train(backend, trainer, source)
