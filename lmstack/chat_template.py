@@ -19,6 +19,7 @@ render(messages[:i+1]).
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -61,6 +62,8 @@ TEMPLATE_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
 }
+
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 # Private-use code points: never produced by a tokenizer's normaliser, and rejected in message content.
 _GEN_START, _GEN_END = "\ue000", "\ue001"
@@ -164,7 +167,7 @@ def render_with_assistant_spans(source: str, messages: list[dict[str, Any]], add
     """
     _check_messages(messages)
     special_tokens = special_tokens or {}
-    if "generation" in source and "endgeneration" in source:
+    if _GENERATION_TAG.search(source):
         marked = _render(source, messages, add_generation_prompt, special_tokens, mark=True, extra={})
         return _strip_sentinels(marked)
     text = _render(source, messages, add_generation_prompt, special_tokens, mark=False, extra={})
