@@ -21,6 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -145,15 +146,28 @@ def shard_paths(shard_dir: Path, index: int) -> tuple[Path, Path, Path]:
     return shard_dir / f"{stem}.bin", shard_dir / f"{stem}.docs.bin", shard_dir / f"{stem}.json"
 
 
+_TOKENIZER_CACHE: dict[tuple[str, int, int], Any] = {}
+
+
+def _load_tokenizer_cached(directory: str) -> Any:
+    """Tokenizer.load once per process and tokenizer.json version (a worker tokenises many chunks)."""
+    from lmstack.tokenizer import Tokenizer
+
+    stat = (Path(directory) / "tokenizer.json").stat()
+    key = (str(Path(directory).resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _TOKENIZER_CACHE:
+        _TOKENIZER_CACHE.clear()
+        _TOKENIZER_CACHE[key] = Tokenizer.load(directory)
+    return _TOKENIZER_CACHE[key]
+
+
 def tokenize_chunk(job: ShardJob) -> dict:
     """Worker: one spool chunk -> one finished shard (bin, docs.bin, then json). Returns the json's dict.
 
     The tokenizer is loaded from its directory in the worker (never sent pickled); documents are
     encoded ENCODE_BATCH_CHARS at a time and streamed to disk, so memory stays bounded.
     """
-    from lmstack.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(job.tokenizer_dir)
+    tokenizer = _load_tokenizer_cached(job.tokenizer_dir)
     dtype = token_dtype(job.vocab_size)
     spool_dir, shard_dir = Path(job.spool_dir), Path(job.shard_dir)
     bin_path, docs_path, meta_path = shard_paths(shard_dir, job.chunk)

@@ -155,15 +155,23 @@ def _batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _init_worker(initializer: Callable | None, initargs: tuple) -> None:
+    # The processes are the parallelism: one Rust thread each (and no fork warning from tokenizers).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def _make_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> Any:
+    """A process pool of `workers`, or None (work inline in this process) for workers <= 1."""
     if workers <= 1:
         if initializer is not None:
             initializer(*initargs)
         return None
     # fork: workers inherit the imported modules (importing torch afresh would cost seconds each)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one Rust thread per worker process
-    return multiprocessing.get_context(method).Pool(workers, initializer=initializer, initargs=initargs)
+    return multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
+                                                     initargs=(initializer, initargs))
 
 
 # ---------------------------------------------------------------------- stage 1
