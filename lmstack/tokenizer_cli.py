@@ -20,11 +20,18 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from lmstack.schema import from_dict, load_yaml
-from lmstack.tokenizer import ROLES, KINDS, SpecialTokens, Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+from lmstack.tokenizer import (
+    KINDS,
+    ROLES,
+    SpecialTokens,
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 
 @dataclass
@@ -182,7 +189,7 @@ _SUBCOMMANDS = {"train": _train_main, "encode": _encode_main, "decode": _decode_
 
 
 def main(argv: list[str]) -> int:
-    """Train a tokenizer (bpe, wordpiece, unigram, char) or encode/decode/inspect one: train | encode | decode | info."""
+    """Train a tokenizer (bpe, wordpiece, unigram, char), or encode, decode and inspect one."""
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: lmstack tokenizer {{{','.join(_SUBCOMMANDS)}}} [options]\n\n{__doc__}")
         return 0 if argv else 2

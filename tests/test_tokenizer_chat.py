@@ -22,8 +22,10 @@ CONVERSATIONS = [
 END_MARKER = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 
-@pytest.fixture(scope="module", params=[("bpe", "chatml"), ("bpe", "llama3"), ("unigram", "chatml"), ("char", "llama3")],
-                ids=lambda p: "-".join(p))
+KINDS_AND_TEMPLATES = [("bpe", "chatml"), ("bpe", "llama3"), ("unigram", "chatml"), ("char", "llama3")]
+
+
+@pytest.fixture(scope="module", params=KINDS_AND_TEMPLATES, ids=lambda p: "-".join(p))
 def chat_tokenizer(request, shared_data: Path, tmp_path_factory) -> tuple[str, Tokenizer, Path]:
     """(template name, tokenizer, saved directory); byte-level, Metaspace and per-character offsets all differ."""
     kind, template = request.param
@@ -58,7 +60,7 @@ def test_assistant_mask_equals_transformers_and_covers_exactly_the_replies(chat_
     expected = "".join(content(m) + END_MARKER[name] for m in messages if m["role"] == "assistant")
     if tokenizer.model_type != "BPE":  # not byte-level: characters these tiny vocabularies lack decode as unk
         expected = tokenizer.decode(tokenizer.encode(expected))
-    assert tokenizer.decode([i for i, keep in zip(ids, mask) if keep]) == expected
+    assert tokenizer.decode([i for i, keep in zip(ids, mask, strict=True) if keep]) == expected
     assert tokenizer.decode(ids) == hf.decode(ids)
     if tokenizer.model_type == "BPE":
         assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages)

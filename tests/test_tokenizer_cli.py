@@ -46,7 +46,8 @@ def test_train_from_directory_and_jsonl_then_encode(inputs, tmp_path, capsys):
     assert lmstack(["tokenizer", "encode", "--tokenizer", str(out), "--special", "Tyger tyger"]) == 0
     text = capsys.readouterr().out
     ids = tokenizer.encode("Tyger tyger", add_special_tokens=True)
-    pieces = " ".join(json.dumps(t, ensure_ascii=False) for t in tokenizer.tokenize("Tyger tyger", add_special_tokens=True))
+    tokens = tokenizer.tokenize("Tyger tyger", add_special_tokens=True)
+    pieces = " ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
     assert f"ids:    {' '.join(map(str, ids))}\npieces: {pieces}\n" in text and pieces.startswith('"<|bos|>" "T')
     assert lmstack(["tokenizer", "decode", "--tokenizer", str(out), *map(str, ids)]) == 0
     assert capsys.readouterr().out == "<|bos|>Tyger tyger\n"
