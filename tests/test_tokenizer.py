@@ -199,6 +199,24 @@ def test_save_into_existing_directory_keeps_other_files(tmp_path):
     assert load_tokenizer(tmp_path).encode("hello") == tokenizer.encode("hello")
 
 
+def test_failed_save_leaves_no_directory(tmp_path, monkeypatch):
+    tokenizer = train_tokenizer(iter(["hello world"]), "char", None)
+    written: list[str] = []
+    real_write_text = Path.write_text
+
+    def write_then_fail(self: Path, text: str, **kwargs) -> int:
+        written.append(self.name)
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, text, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        tokenizer.save(tmp_path / "tok")
+    assert written[0] == "tokenizer.json" and not (tmp_path / "tok").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # and no temporary directory left behind
+
+
 @pytest.mark.parametrize("problem", ["missing", "no_json", "corrupt", "invalid", "bad_config", "bad_token"])
 def test_bad_directories_give_one_clear_error(tmp_path, problem):
     directory = tmp_path / "tok"
@@ -231,6 +249,8 @@ def test_bad_training_options_give_clear_errors(tmp_path):
         train_tokenizer(iter([]), "wordpiece", 1000)
     with pytest.raises(TokenizerError, match="no such training file"):
         train_tokenizer([tmp_path / "absent.txt"], "bpe", 1000)
+    with pytest.raises(TokenizerError, match="vocab size 6 leaves no room beside the 6 special tokens"):
+        train_tokenizer(iter(["hello"]), "unigram", 6)
     with pytest.raises(TokenizerError, match="min_frequency does not apply to unigram"):
         train_tokenizer(iter(["hello"]), "unigram", 100, min_frequency=3)
     tokenizer = train_tokenizer(iter(["hello"]), "char", None)
