@@ -26,7 +26,7 @@ def _prepare_parser() -> argparse.ArgumentParser:
         description="Raw text -> cleaned, deduplicated, tokenised shards (OUT/train, OUT/val, OUT/tokenizer, "
                     "OUT/data_report.{json,md}). Any PrepareConfig field can also be set as --key=value, e.g. "
                     "--quality.min_words=20 --quality.max_top_ngram_char_fraction={} --dedup.shingle_size=3.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        allow_abbrev=False)
     src = p.add_argument_group("input")
     src.add_argument("--input", nargs="+", metavar="PATH", help="files, directories (recursive) or glob patterns")
     src.add_argument("--corpus", help=f"a built-in corpus instead: {', '.join('builtin:' + n for n in corpus_names())}")
