@@ -149,17 +149,21 @@ def render(source: str, messages: list[dict[str, Any]], add_generation_prompt: b
 def _render(source: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
             special_tokens: dict[str, str | None], mark: bool, extra: dict[str, Any]) -> str:
     template = _compile(source)
+    # as in transformers, caller variables override the special tokens of the same name
+    variables = {**special_tokens, **extra, "messages": messages, "add_generation_prompt": add_generation_prompt,
+                 "__lmstack_mark_generation": mark}
     try:
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               __lmstack_mark_generation=mark, **special_tokens, **extra)
+        return template.render(**variables)
     except ChatTemplateError:
         raise
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template: {e}") from None
+    except (TypeError, KeyError, IndexError, AttributeError) as e:  # e.g. a message whose content is not a string
+        raise ChatTemplateError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
 
 
 def render_with_assistant_spans(source: str, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-                                special_tokens: dict[str, str | None] | None = None
+                                special_tokens: dict[str, str | None] | None = None, **extra: Any
                                 ) -> tuple[str, list[tuple[int, int]]]:
     """Render and return (text, [(start, end) character spans of assistant output]).
 
@@ -170,15 +174,15 @@ def render_with_assistant_spans(source: str, messages: list[dict[str, Any]], add
     _check_messages(messages)
     special_tokens = special_tokens or {}
     if _GENERATION_TAG.search(source):
-        marked = _render(source, messages, add_generation_prompt, special_tokens, mark=True, extra={})
+        marked = _render(source, messages, add_generation_prompt, special_tokens, mark=True, extra=extra)
         return _strip_sentinels(marked)
-    text = _render(source, messages, add_generation_prompt, special_tokens, mark=False, extra={})
+    text = _render(source, messages, add_generation_prompt, special_tokens, mark=False, extra=extra)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(source, messages[:i], True, special_tokens, mark=False, extra={})
-        through = _render(source, messages[: i + 1], False, special_tokens, mark=False, extra={})
+        before = _render(source, messages[:i], True, special_tokens, mark=False, extra=extra)
+        through = _render(source, messages[: i + 1], False, special_tokens, mark=False, extra=extra)
         if not (through.startswith(before) and text.startswith(through)):
             raise ChatTemplateError(
                 f"cannot locate assistant turn {i}: this template's rendering of a shorter conversation is not "

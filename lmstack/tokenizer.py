@@ -204,14 +204,21 @@ class Tokenizer:
         token = getattr(self.special_tokens, role)
         return None if token is None else self.backend.token_to_id(token)
 
+    # <role>_token / <role>_token_id for every role, named as in transformers (bos_token_id, pad_token, ...)
     bos_token = property(lambda self: self.special_tokens.bos, doc="the bos token text, or None")
     eos_token = property(lambda self: self.special_tokens.eos, doc="the eos token text, or None")
     pad_token = property(lambda self: self.special_tokens.pad, doc="the pad token text, or None")
     unk_token = property(lambda self: self.special_tokens.unk, doc="the unk token text, or None")
+    cls_token = property(lambda self: self.special_tokens.cls, doc="the cls token text, or None")
+    sep_token = property(lambda self: self.special_tokens.sep, doc="the sep token text, or None")
+    mask_token = property(lambda self: self.special_tokens.mask, doc="the mask token text, or None")
     bos_token_id = property(lambda self: self._role_id("bos"), doc="id of the bos token, or None")
     eos_token_id = property(lambda self: self._role_id("eos"), doc="id of the eos token, or None")
     pad_token_id = property(lambda self: self._role_id("pad"), doc="id of the pad token, or None")
     unk_token_id = property(lambda self: self._role_id("unk"), doc="id of the unk token, or None")
+    cls_token_id = property(lambda self: self._role_id("cls"), doc="id of the cls token, or None")
+    sep_token_id = property(lambda self: self._role_id("sep"), doc="id of the sep token, or None")
+    mask_token_id = property(lambda self: self._role_id("mask"), doc="id of the mask token, or None")
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -238,9 +245,9 @@ class Tokenizer:
         """Ids (T,) -> text. An id outside the vocabulary is an error (the backend would silently drop it)."""
         ids = [int(i) for i in ids]
         size = self.vocab_size
-        for i in ids:
-            if not 0 <= i < size:
-                raise TokenizerError(f"token id {i} is outside the vocabulary (size {size})")
+        if ids and (min(ids) < 0 or max(ids) >= size):
+            bad = next(i for i in ids if not 0 <= i < size)
+            raise TokenizerError(f"token id {bad} is outside the vocabulary (size {size})")
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ chat
@@ -254,21 +261,25 @@ class Tokenizer:
                                  "(`--chat-template chatml|llama3|PATH`) or set Tokenizer.chat_template")
         return self.chat_template
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        """Render a conversation to text, exactly as transformers' apply_chat_template(tokenize=False)."""
-        return templates.render(self._require_template(), messages, add_generation_prompt,
-                                self._template_variables())
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+                            **template_variables: Any) -> str:
+        """Render a conversation to text, exactly as transformers' apply_chat_template(tokenize=False).
 
-    def render_chat(self, messages: list[dict[str, str]],
-                    add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        Extra keyword arguments (e.g. `tools=[...]`, `date_string=...`) are template variables, as in transformers.
+        """
+        return templates.render(self._require_template(), messages, add_generation_prompt,
+                                self._template_variables(), **template_variables)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+                    **template_variables: Any) -> tuple[list[int], list[int]]:
         """Conversation -> (ids (T,), mask (T,)): mask is 1 on the tokens of assistant output, including the
         turn's end marker (<|im_end|> / <|eot_id|>), which SFT trains on; 0 on everything else.
 
         The text is encoded without extra special tokens: the template itself writes bos where the family
         wants it (as transformers' apply_chat_template(tokenize=True) does).
         """
-        text, spans = templates.render_with_assistant_spans(self._require_template(), messages,
-                                                            add_generation_prompt, self._template_variables())
+        text, spans = templates.render_with_assistant_spans(self._require_template(), messages, add_generation_prompt,
+                                                            self._template_variables(), **template_variables)
         encoding = self.backend.encode(text, add_special_tokens=False)
         mask = [0] * len(encoding.ids)
         span_index = 0

@@ -109,6 +109,17 @@ def test_raise_exception_tojson_and_special_token_variables_match_transformers(c
         tokenizer.apply_chat_template(CONVERSATIONS[0])
 
 
+def test_extra_template_variables_reach_the_template_as_in_transformers(chat_tokenizer):
+    _, tokenizer, directory = chat_tokenizer
+    template = "{{ bos_token }}{% for t in tools %}[{{ t.name }}]{% endfor %}{{ messages[0].content }} {{ today }}"
+    custom = Tokenizer(tokenizer.backend, tokenizer.special_tokens, chat_template=template)
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    variables = {"tools": [{"name": "search"}, {"name": "calc"}], "today": "2026-11-23", "bos_token": "<B>"}
+    ours = custom.apply_chat_template(CONVERSATIONS[0], **variables)
+    assert ours == hf.apply_chat_template(CONVERSATIONS[0], tokenize=False, chat_template=template, **variables)
+    assert ours == "<B>[search][calc]Hi there 2026-11-23"
+
+
 def test_bad_templates_and_messages_give_clear_errors():
     tokenizer = train_tokenizer(iter(["hello world"]), "char", None)
     with pytest.raises(TokenizerError, match="no chat_template"):
@@ -119,5 +130,8 @@ def test_bad_templates_and_messages_give_clear_errors():
     tokenizer.chat_template = LLAMA3
     with pytest.raises(ChatTemplateError, match=r"messages\[1\] must be a dict with 'role' and 'content'"):
         tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"text": "y"}])
+    tokenizer.chat_template = CHATML  # concatenates content: None cannot be added to a str
+    with pytest.raises(ChatTemplateError, match="chat template failed on these messages: TypeError"):
+        tokenizer.apply_chat_template([{"role": "user", "content": None}])
     with pytest.raises(ChatTemplateError, match="not a built-in"):
         train_tokenizer(iter(["hello"]), "char", None, chat_template="no-such-template.jinja")
