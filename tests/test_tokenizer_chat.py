@@ -90,6 +90,7 @@ def test_template_from_a_transformers_saved_directory(chat_tokenizer, tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(directory)
     hf.save_pretrained(tmp_path)
     loaded = load_tokenizer(tmp_path)
+    assert loaded.special_tokens == tokenizer.special_tokens  # v5 writes the extras as extra_special_tokens
     assert loaded.chat_template is not None
     assert loaded.apply_chat_template(CONVERSATIONS[2]) == tokenizer.apply_chat_template(CONVERSATIONS[2])
     assert loaded.encode(CONVERSATIONS[2][2]["content"]) == tokenizer.encode(CONVERSATIONS[2][2]["content"])
