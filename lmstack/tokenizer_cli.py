@@ -101,7 +101,8 @@ def train_from_config(config: TokenizerTrainConfig) -> Tokenizer:
     start = time.perf_counter()
     vocab_size = config.vocab_size if config.vocab_size is not None else (None if config.kind == "char" else 8192)
     tokenizer = train_tokenizer(_texts(config, counters), config.kind, vocab_size,
-                                min_frequency=config.min_frequency, special_tokens=special, chat_template=template)
+                                min_frequency=config.min_frequency, special_tokens=special, chat_template=template,
+                                show_progress=sys.stderr.isatty())  # the trainers' own progress bars, on a terminal
     seconds = time.perf_counter() - start
     tokenizer.save(config.output)
     print(f"trained {config.kind} tokenizer: vocab {tokenizer.vocab_size} ({len(tokenizer.special_tokens.all())} "
