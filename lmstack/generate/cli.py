@@ -1,0 +1,271 @@
+"""`lmstack generate` (prompts in, completions out) and `lmstack chat` (an interactive streaming chat).
+
+Every GenerationConfig field is a flag (`--top-p 0.9`, `--stop "\\n\\n"` repeatable, `--logprobs`); a
+YAML file of the same fields can be given with `--config`, flags win over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from lmstack.atomic import atomic_file
+from lmstack.generate.config import GenerationConfig
+from lmstack.generate.generate import GenerationOutput, generate, stream
+from lmstack.schema import ConfigError, from_dict, load_yaml
+
+# Markers that end an assistant turn in the common chat templates (ChatML, Llama 3, Phi, SentencePiece).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256}
+
+
+# ------------------------------------------------------------------------------------------- shared flags
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per GenerationConfig field, typed from the dataclass; unset flags stay None (= default)."""
+    group = parser.add_argument_group("decoding options (GenerationConfig fields)")
+    hints = typing.get_type_hints(GenerationConfig)
+    for f in dataclasses.fields(GenerationConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"default {default!r}"
+        if f.name == "early_stopping":
+            group.add_argument(flag, choices=["true", "false", "never"], default=None, help=help_text)
+        elif tp is bool:
+            group.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif f.name == "stop":
+            group.add_argument(flag, action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+        elif f.name == "eos_token_ids":
+            group.add_argument(flag, type=int, nargs="+", default=None, metavar="ID", help="default: the model's")
+        else:
+            base = next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_args(tp) else tp
+            group.add_argument(flag, type=base, default=None, metavar=base.__name__.upper(), help=help_text)
+    group.add_argument("--config", type=Path, help="YAML file of GenerationConfig fields (flags override it)")
+
+
+def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> GenerationConfig:
+    """defaults < --config YAML < flags, validated by the schema (errors name the field and the file)."""
+    data = dict(defaults or {})
+    if args.config is not None:
+        data.update(load_yaml(args.config))
+    for f in dataclasses.fields(GenerationConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            data[f.name] = {"true": True, "false": False}.get(value, value) if f.name == "early_stopping" else value
+    try:
+        return from_dict(GenerationConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}" if args.config is not None else str(e)) from None
+
+
+def load_model_and_tokenizer(directory: Path, device: str | None) -> tuple[Any, Any]:
+    from lmstack.interop.hf import load_model
+    from lmstack.tokenizer import Tokenizer
+
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: no such model directory")
+    tokenizer = Tokenizer.load(directory)
+    return load_model(directory, device=device).eval(), tokenizer
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """EOS plus the chat template's end-of-turn markers present in the vocabulary."""
+    ids = {tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS} | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+# ------------------------------------------------------------------------------------------- generate
+
+
+def _read_prompts_file(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line; a record has "prompt" (text) or "messages" (chat)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise OSError(f"{path}: cannot read prompts file ({e.strerror})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object with \"prompt\" or \"messages\"")
+        if isinstance(record.get("prompt"), str) == isinstance(record.get("messages"), list):
+            raise ValueError(f"{path}:{number}: give exactly one of \"prompt\" (a string) or \"messages\" (a list)")
+        yield number, record
+
+
+def _prompt_text(record: dict[str, Any], tokenizer: Any, chat: bool, system: str | None, where: str) -> str:
+    if "messages" in record:
+        messages = record["messages"]
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in messages):
+            raise ValueError(f"{where}: each message needs string \"role\" and \"content\"")
+    elif chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": record["prompt"]}]
+    else:
+        return record["prompt"]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _record(source: dict[str, Any], out: GenerationOutput, row: int) -> dict[str, Any]:
+    result: dict[str, Any] = {k: source[k] for k in ("id", "prompt", "messages") if k in source}
+    result.update(text=out.texts[row], token_ids=out.token_ids[row], finish_reason=out.finish_reasons[row])
+    if out.logprobs is not None:
+        result["logprobs"] = out.logprobs[row]
+    if out.top_logprobs is not None:
+        result["top_logprobs"] = [{str(k): v for k, v in step.items()} for step in out.top_logprobs[row]]
+    if out.beams is not None:
+        result["beams"] = [{"text": b.text, "token_ids": b.token_ids, "score": b.score} for b in out.beams[row]]
+    return result
+
+
+def generate_main(argv: list[str]) -> int:
+    """Generate text from a model directory: --prompt "..." (repeatable) or --prompts-file in.jsonl -> JSONL."""
+    parser = argparse.ArgumentParser(prog="lmstack generate", description=generate_main.__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="model directory (with tokenizer.json)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable: one batch)")
+    source.add_argument("--prompts-file", type=Path, help='JSONL: {"prompt": "..."} or {"messages": [...]}, '
+                        'optional "id"; writes one JSON line per prompt')
+    parser.add_argument("--output", type=Path, help="write the JSONL here (atomically) instead of stdout")
+    parser.add_argument("--jsonl", action="store_true", help="print --prompt results as JSONL, not plain text")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
+    parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    parser.add_argument("--draft-model", type=Path, help="draft model directory: speculative decoding (greedy)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    parser.add_argument("--stats", action="store_true", help="print prefill/decode timing to stderr")
+    add_generation_flags(parser)
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    draft = load_model_and_tokenizer(args.draft_model, args.device)[0] if args.draft_model else None
+    if args.prompts_file is not None:
+        records = [(f"{args.prompts_file}:{n}", r) for n, r in _read_prompts_file(args.prompts_file)]
+    else:
+        records = [("--prompt", {"prompt": p}) for p in args.prompt]
+    texts = [_prompt_text(r, tokenizer, args.chat, args.system, where) for where, r in records]
+    as_jsonl = args.jsonl or args.prompts_file is not None or args.output is not None
+
+    if not as_jsonl and len(texts) == 1 and config.num_beams == 1 and draft is None:
+        for piece in stream(model, tokenizer, texts[0], config=config):  # show tokens as they come
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    results = []
+    for start in range(0, len(texts), args.batch_size):
+        out = generate(model, tokenizer, texts[start:start + args.batch_size], config=config, draft_model=draft)
+        if args.stats:
+            _print_stats(out)
+        results += [_record(records[start + i][1], out, i) for i in range(len(out.token_ids))]
+    if not as_jsonl:
+        print("\n".join(r["text"] for r in results))
+    elif args.output is not None:
+        with atomic_file(args.output) as f:
+            _write_jsonl(f, results)
+    else:
+        _write_jsonl(sys.stdout, results)
+    return 0
+
+
+def _write_jsonl(f: TextIO, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _print_stats(out: GenerationOutput) -> None:
+    s = out.stats
+    line = (f"prefill {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.1f} ms; decode {s.new_tokens} tokens in "
+            f"{s.decode_s * 1e3:.1f} ms ({s.decode_tokens_per_s:.1f} tok/s)")
+    if s.acceptance_rate is not None:
+        line += f"; draft acceptance {s.acceptance_rate:.1%}"
+    print(line, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------- chat
+
+CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /quit"
+
+
+def chat_main(argv: list[str]) -> int:
+    """Chat with a model in the terminal (chat template, streaming, history; /reset, /system TEXT, /quit)."""
+    parser = argparse.ArgumentParser(prog="lmstack chat", description=chat_main.__doc__ + "\n" + CHAT_HELP)
+    parser.add_argument("--model", type=Path, required=True, help="model directory (tokenizer with a chat template)")
+    parser.add_argument("--system", default=None, help="system message")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    add_generation_flags(parser)
+    args = parser.parse_args(argv)
+    config = config_from_args(args, CHAT_DEFAULTS)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{args.model}: the tokenizer has no chat_template; `lmstack chat` needs one")
+    if config.eos_token_ids is None:
+        config = config.replace(eos_token_ids=end_of_turn_ids(tokenizer))
+    interactive = sys.stdin.isatty()
+    system, history = args.system, []
+    if interactive:
+        print(CHAT_HELP)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/quit", "/exit"):
+            return 0
+        if text.strip() == "/reset":
+            history = []
+            print("[conversation cleared]", flush=True)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            print(f"[system message {'set' if system else 'cleared'}]", flush=True)
+            continue
+        if text.startswith("/"):
+            print(f"[unknown command {text.split()[0]}; {CHAT_HELP}]", flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        ids = _fit_conversation(tokenizer, system, history, model.config.max_seq_len - config.max_new_tokens)
+        if ids is None:
+            history.pop()
+            print("[message too long for the model's context; shorten it or lower --max-new-tokens]", flush=True)
+            continue
+        reply = []
+        for piece in stream(model, tokenizer, ids, config=config):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _fit_conversation(tokenizer: Any, system: str | None, history: list[dict[str, str]], budget: int
+                      ) -> list[int] | None:
+    """Render the conversation; drop the oldest exchanges until it fits `budget` tokens (None if even the
+    latest message alone does not fit)."""
+    while history:
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if len(ids) <= budget:
+            return ids
+        if len(history) == 1:
+            return None
+        del history[:2]  # the oldest user message and its reply
+    return None
