@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -115,7 +116,7 @@ def read_chunk_document(directory: Path, chunk: int, index: int) -> str:
         return f.read(end - start).decode("utf-8")
 
 
-def iter_chunk_documents(directory: Path, chunk: int):
+def iter_chunk_documents(directory: Path, chunk: int) -> Iterator[str]:
     """The documents of one chunk, in order (the chunk's text is memory-mapped, not read whole)."""
     offsets = read_chunk_offsets(directory, chunk)
     if len(offsets) < 2:
@@ -177,7 +178,7 @@ def tokenize_chunk(job: ShardJob) -> dict:
     batch: list[str] = []
     batch_chars = 0
 
-    def encode(out) -> None:
+    def encode(out: BinaryIO) -> None:
         nonlocal num_tokens
         for ids in tokenizer.encode_batch(batch):
             starts.append(num_tokens)

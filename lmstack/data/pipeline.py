@@ -16,6 +16,7 @@ configuration or different inputs is discarded (the fingerprint in work.json tel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -374,6 +375,30 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.tokenizer:
         from lmstack.tokenizer import Tokenizer
         Tokenizer.load(cfg.tokenizer)  # a bad tokenizer directory fails now, not after stage 1
+    with _exclusive(parent / f".{output.name}.lmstack-lock", output):
+        return _run(cfg, output)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, output: Path) -> Iterator[None]:
+    """Hold an exclusive lock for OUT, so a second `prepare` into it fails instead of sharing its work dir."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepareError(f"{output}: another `lmstack data prepare` is writing it") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def _run(cfg: PrepareConfig, output: Path) -> dict:
     t0 = time.perf_counter()
     work = _open_work_dir(cfg, output)
     stage1_path = work / "stage1.json"

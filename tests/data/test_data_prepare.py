@@ -179,3 +179,16 @@ def test_bad_inputs_fail_with_one_message_and_leave_nothing(tmp_path: Path, caps
         assert lmstack_main(["data", "prepare", *argv]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_a_second_prepare_into_the_same_output_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    (tmp_path / "a.txt").write_text(make_doc(random.Random(3)), encoding="utf-8")
+    out = tmp_path / "out"
+    with open(tmp_path / ".out.lmstack-lock", "w") as held:  # what a running prepare holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(PrepareError, match="another `lmstack data prepare` is writing it"):
+            prepare(config(inputs=[str(tmp_path / "a.txt")], train_tokenizer="char", output=str(out)))
+    prepare(config(inputs=[str(tmp_path / "a.txt")], train_tokenizer="char", output=str(out), workers=0))
+    assert (out / "train" / "index.json").exists() and not (tmp_path / ".out.lmstack-lock").exists()
