@@ -192,3 +192,27 @@ def test_a_second_prepare_into_the_same_output_is_refused(tmp_path: Path) -> Non
             prepare(config(inputs=[str(tmp_path / "a.txt")], train_tokenizer="char", output=str(out)))
     prepare(config(inputs=[str(tmp_path / "a.txt")], train_tokenizer="char", output=str(out), workers=0))
     assert (out / "train" / "index.json").exists() and not (tmp_path / ".out.lmstack-lock").exists()
+
+
+
+def test_ids_beyond_uint16_are_written_as_uint32(tmp_path: Path) -> None:
+    """pack's dtype choice and eos placement, driven directly (a real 66k vocabulary is slow to build)."""
+    from lmstack.data import pack
+    from lmstack.tokenizer import train_tokenizer
+
+    texts = [make_doc(random.Random(4), 2), make_doc(random.Random(5), 2)]
+    train_tokenizer(iter(texts), "char", None).save(tmp_path / "tok")
+    spool = pack.SpoolWriter(tmp_path / "spool", 10**6)
+    for t in texts:
+        spool.add(t)
+    spool.flush()
+    (tmp_path / "shards").mkdir()
+    eos = 70_000  # an id only uint32 can hold
+    meta = pack.tokenize_chunk(pack.ShardJob(str(tmp_path / "spool"), str(tmp_path / "shards"), 0,
+                                             str(tmp_path / "tok"), eos, vocab_size=70_001))
+    ref = tokenizers.Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    want = [i for t in texts for i in ref.encode(t, add_special_tokens=False).ids + [eos]]
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "shards" / meta["file"], dtype="<u4"), want)
+    assert pack.token_dtype(65_536) == np.dtype("<u2") and pack.token_dtype(65_537) == np.dtype("<u4")
+    header = pack.IndexHeader(70_001, eos, "x")
+    assert header.index([meta])["dtype"] == "uint32"
