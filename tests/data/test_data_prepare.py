@@ -65,9 +65,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
               json.dumps({"text": "caf\u0065\u0301 " + good[30]})]  # NFC: kept, normalised
     with gzip.open(root / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    (root / "notes.txt").write_text("\n\n".join(good[31:]), encoding="utf-8")
+    good[31] = good[31].replace(" ", " \udcff", 1)  # stands for one invalid byte, written below as 0xFF
+    (root / "notes.txt").write_bytes("\n\n".join(good[31:]).encode("utf-8", errors="surrogateescape"))
     survivors = [normalize(t) for t in good[:30]] + [normalize("caf\u0065\u0301 " + good[30])]
-    survivors += [normalize(t) for t in good[31:]]
+    survivors += [normalize(t.replace("\udcff", "\ufffd")) for t in good[31:]]
     return root, survivors
 
 
@@ -106,6 +107,7 @@ def test_shards_hold_the_reference_encoding_of_each_surviving_document(corpus, p
 def test_report_counts_the_planted_problems(prepared: Path) -> None:
     report = json.loads((prepared / "data_report.json").read_text())
     assert report["ingest"]["malformed_lines"] == 1 and report["ingest"]["missing_field"] == 1
+    assert report["ingest"]["invalid_utf8_bytes"] == 1
     assert report["documents_in"] == 35 + 9  # 35 readable JSONL records + 9 paragraphs
     assert report["filters"]["dropped"]["min_words"] == 1 and report["filters"]["dropped_total"] == 1
     assert report["dedup"]["exact_removed"] == 2 and report["dedup"]["near_removed"] == 1
