@@ -127,10 +127,23 @@ class QualityFilter:
             for k, limit in sorted(c.max_top_ngram_char_fraction.items()):
                 if top_ngram_char_fraction(ids, lengths, k, total_chars) > limit:
                     return "max_top_ngram_char_fraction"
-            for k, limit in sorted(c.max_duplicate_ngram_char_fraction.items()):
-                if duplicate_ngram_char_fraction(ids, lengths, k, total_chars) > limit:
-                    return "max_duplicate_ngram_char_fraction"
+            if self._fails_duplicate_ngrams(ids, lengths, total_chars):
+                return "max_duplicate_ngram_char_fraction"
         return None
+
+    def _fails_duplicate_ngrams(self, ids: np.ndarray, lengths: np.ndarray, total_chars: float) -> bool:
+        limits = sorted(self.config.max_duplicate_ngram_char_fraction.items())
+        if not limits:
+            return False
+        # The words covered by repeated (n+1)-grams are a subset of those covered by repeated n-grams,
+        # so the fraction only falls as n grows: under every limit at the smallest n means under each
+        # limit at its own n. Most documents stop here, after one n instead of six.
+        first_n = limits[0][0]
+        first = duplicate_ngram_char_fraction(ids, lengths, first_n, total_chars)
+        if first <= min(limit for _, limit in limits):
+            return False
+        return any((first if k == first_n else duplicate_ngram_char_fraction(ids, lengths, k, total_chars)) > limit
+                   for k, limit in limits)
 
 
 def duplicate_line_stats(lines: list[str]) -> tuple[float, float]:

@@ -128,8 +128,12 @@ class NearDuplicateIndex:
         r = self.rows
         return [signature[i * r:(i + 1) * r].tobytes() for i in range(self.bands)]
 
-    def find(self, signature: np.ndarray, shingles: np.ndarray) -> int | None:
-        """The id of a kept document with Jaccard >= threshold to `shingles`, or None."""
+    def find(self, signature: np.ndarray, shingles: np.ndarray | Callable[[], np.ndarray]) -> int | None:
+        """The id of a kept document with Jaccard >= threshold to the new document, or None.
+
+        `shingles` is the new document's shingle array, or a function computing it: it is then called
+        only on a band hit, so the common no-candidate case costs no shingling.
+        """
         tried: set[int] = set()
         for table, key in zip(self.tables, self._band_keys(signature)):
             holders = table.get(key)
@@ -140,6 +144,8 @@ class NearDuplicateIndex:
                     continue
                 tried.add(other)
                 self.candidates_checked += 1
+                if callable(shingles):
+                    shingles = shingles()
                 if jaccard(shingles, self.fetch_shingles(other)) >= self.config.threshold:
                     return other
         return None

@@ -232,7 +232,8 @@ def run_stage1(cfg: PrepareConfig, work: Path) -> Stage1Stats:
                     seen_exact.add(key)
                 if near is not None:
                     sig = np.frombuffer(sig_bytes, dtype=np.uint64)
-                    if near.find(sig, shingle_hashes(text, dedup.shingle_size)) is not None:
+                    # the lambda runs inside this call (only on a band hit), never after `text` moves on
+                    if near.find(sig, lambda: shingle_hashes(text, dedup.shingle_size)) is not None:
                         near_dups += 1
                         continue
                 k = len(locations)

@@ -89,3 +89,18 @@ def test_repetition_rules_and_disabling() -> None:
     spam = " ".join(["buy cheap watches"] * 20 + PROSE.split())
     assert QualityFilter(QualityConfig()).first_failure(spam) == "max_top_ngram_char_fraction"
     assert QualityFilter(QualityConfig(min_words=None)).first_failure("short but fine.") is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_duplicate_ngram_shortcut_agrees_with_checking_every_n(seed: int) -> None:
+    rng = random.Random(seed)
+    vocab = ["x" * (i % 7 + 1) + str(i) for i in range(rng.choice([4, 30, 150, 1000]))]  # repetitive .. not
+    words = [rng.choice(vocab) for _ in range(rng.randint(5, 200))]
+    lengths = np.array([len(w) for w in words])
+    ids, total = _word_ids(words), float(lengths.sum())
+    limits = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    full = any(duplicate_ngram_char_fraction(ids, lengths, n, total) > lim for n, lim in limits.items())
+    fractions = [duplicate_ngram_char_fraction(ids, lengths, n, total) for n in sorted(limits)]
+    assert fractions == sorted(fractions, reverse=True)  # the monotonicity the shortcut relies on
+    quality = QualityFilter(QualityConfig(max_duplicate_ngram_char_fraction=limits))
+    assert quality._fails_duplicate_ngrams(ids, lengths, total) == full
