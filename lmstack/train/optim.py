@@ -35,19 +35,36 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _fused_applies(groups: list[dict]) -> bool:
+    """Whether torch's fused AdamW kernel can take every parameter: plain (not DTensor) floating-point
+    tensors on the CPU or a GPU.
+
+    "auto" prefers it because torch's own CPU default is the for-loop implementation: ~6 elementwise
+    kernels per parameter tensor per step. Fused does one pass per tensor: on the 2-core benchmark
+    machine (27M parameters, 74 tensors) the step takes 0.03 s instead of 0.12 s on one thread, and
+    0.08 s instead of 0.8 s on two busy threads, where every small kernel pays for an OpenMP barrier.
+    Sharded (FSDP2 DTensor) parameters keep torch's default.
+    """
+    params = [p for group in groups for p in group["params"]]
+    return all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+               for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """torch.optim.AdamW over the model's trainable parameters, two groups (decay / no decay).
 
     The learning rate is set per step by the engine from the schedule; `cfg.lr` is the initial value.
+    `cfg.implementation="auto"` takes the fused kernel wherever it applies (see `_fused_applies`).
     """
+    groups = parameter_groups(model, cfg)
     kwargs: dict = {}
-    if cfg.implementation == "fused":
+    if cfg.implementation == "fused" or (cfg.implementation == "auto" and _fused_applies(groups)):
         kwargs["fused"] = True
     elif cfg.implementation == "foreach":
         kwargs["foreach"] = True
     elif cfg.implementation == "for-loop":
         kwargs["foreach"] = False
-    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              **kwargs)
 
 
