@@ -71,6 +71,7 @@ def beam_search(model: Transformer, tokenizer: TokenizerLike | None, prompts: Pr
     cache_mask[:, :P] = prompt_mask
     counts = TokenCounts(ids, prompt_mask, model.config.vocab_size) if config.uses_penalties else None
     step_fn = decode_step_fn(config.compile)
+    slot = torch.zeros(1, dtype=torch.long, device=device)  # refilled in place: no host-to-device copy
     row_base = (torch.arange(B, device=device) * K)[:, None]  # (B, 1): first cache row of each prompt
 
     running = torch.zeros(B, K, max_new, dtype=torch.long, device=device)
@@ -138,9 +139,8 @@ def beam_search(model: Transformer, tokenizer: TokenizerLike | None, prompts: Pr
             if counts is not None:
                 counts.reorder(rows)
                 counts.add(next_tokens)
-            slot = torch.tensor([P + t], device=device)
             positions = (lengths + t)[:, None]
-            logits = step_fn(model, next_tokens[:, None], slot, positions, cache_mask)
+            logits = step_fn(model, next_tokens[:, None], slot.fill_(P + t), positions, cache_mask)
             stats.decode_steps += 1
         stats.decode_s = time.perf_counter() - start
     finally:

@@ -214,6 +214,7 @@ class GenerationRun:
             counts = TokenCounts(batch.ids, batch.mask, model.config.vocab_size) if config.uses_penalties else None
             generator = make_generator(config, device)
             step_fn = decode_step_fn(config.compile)
+            slot = torch.zeros(1, dtype=torch.long, device=device)  # refilled in place: no host-to-device copy
 
             start = time.perf_counter()
             logits = prefill(model, batch.ids, cache_mask)  # (B, V)
@@ -231,9 +232,8 @@ class GenerationRun:
                     break
                 if counts is not None:
                     counts.add(tokens)
-                slot = torch.tensor([P + step], device=device)
                 positions = (batch.lengths + step)[:, None]  # (B, 1): real tokens before this one
-                logits = step_fn(model, tokens[:, None], slot, positions, cache_mask)
+                logits = step_fn(model, tokens[:, None], slot.fill_(P + step), positions, cache_mask)
                 self.stats.decode_steps += 1
             for row, sequence in enumerate(self.sequences):  # context full before max_new_tokens
                 if not sequence.finished:

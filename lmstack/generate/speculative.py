@@ -77,6 +77,8 @@ def speculative_generate(target: Transformer, draft: Transformer, tokenizer: Tok
     draft_step = decode_step_fn(config.compile)
     verify = _score_fn(config.compile)
     proposed = accepted = 0
+    slot = torch.zeros(1, dtype=torch.long, device=device)  # refilled in place: no host-to-device copy
+    window = torch.arange(k + 1, device=device)
 
     states = [(m, m.training) for m in (target, draft)]
     for model, _ in states:
@@ -96,18 +98,18 @@ def speculative_generate(target: Transformer, draft: Transformer, tokenizer: Tok
             proposal = []
             token = last
             if draft_backlog is not None:
-                draft_step(draft, draft_backlog[:, None], torch.tensor([n - 1], device=device),
+                draft_step(draft, draft_backlog[:, None], slot.fill_(n - 1),
                            (batch.lengths + (n - 1 - P))[:, None], cache_mask)
             for i in range(k):
-                logits = draft_step(draft, token[:, None], torch.tensor([n + i], device=device),
+                logits = draft_step(draft, token[:, None], slot.fill_(n + i),
                                     (batch.lengths + (n + i - P))[:, None], cache_mask)
                 token = logits.argmax(-1)
                 proposal.append(token)
             drafted = torch.stack(proposal, dim=1)  # (B, k)
             # 2. the target scores last + the k proposals in one forward
             tokens = torch.cat((last[:, None], drafted), dim=1)  # (B, k+1)
-            slots = torch.arange(n, n + k + 1, device=device)
-            positions = (batch.lengths + (n - P))[:, None] + torch.arange(k + 1, device=device)  # (B, k+1)
+            slots = window + n
+            positions = (batch.lengths + (n - P))[:, None] + window  # (B, k+1)
             choice = verify(target, tokens, slots, positions, cache_mask).argmax(-1)  # (B, k+1)
             stats.decode_steps += 1
             # 3. accept the longest agreeing prefix (the smallest over unfinished rows) + the target's next token
