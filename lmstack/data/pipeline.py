@@ -41,7 +41,7 @@ from lmstack.data.ingest import IngestStats, expand_inputs, read_documents
 from lmstack.data.report import build_report, write_report
 
 WORK_SUFFIX = ".lmstack-partial"
-BATCH_CHARS = 1 << 21  # characters per worker task in stage 1: large enough to amortise IPC
+BATCH_CHARS = 1 << 18  # characters per worker task in stage 1: amortises IPC, yet many tasks per MB
 
 
 class PrepareError(ValueError):
