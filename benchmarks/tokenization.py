@@ -54,7 +54,7 @@ def main() -> None:
         work.mkdir()
         stage1 = pipeline.run_stage1(cfg, work)  # spool the paragraphs once (not timed)
         tokenizer = pipeline.prepare_tokenizer(cfg, work, stage1)  # trained here when not given (not timed)
-        texts = list(pipeline._spool_texts(work / "spool" / "train", stage1.chunks["train"]))
+        texts = list(pipeline.spool_texts(work / "spool" / "train", stage1.chunks["train"]))
         megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
 
         ours, ours_tokens = float("inf"), 0

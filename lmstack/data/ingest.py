@@ -239,7 +239,7 @@ def read_parquet(path: Path, column: str, stats: IngestStats, batch_rows: int = 
                     value = decode_utf8(value, stats)
                 if not isinstance(value, str):
                     raise IngestError(f"{path}: column {column!r} holds {type(value).__name__}, not strings")
-                stats.bytes_read += len(value)
+                stats.bytes_read += len(value.encode("utf-8"))
                 yield Document(value, f"{path}:row {row}")
 
 

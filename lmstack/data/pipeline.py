@@ -39,6 +39,7 @@ from lmstack.data.clean import QualityConfig, QualityFilter, normalize
 from lmstack.data.dedup import DedupConfig, MinHasher, NearDuplicateIndex, exact_key, shingle_hashes
 from lmstack.data.ingest import IngestStats, expand_inputs, read_documents
 from lmstack.data.report import build_report, write_report
+from lmstack.tokenizer import Tokenizer, train_tokenizer
 
 WORK_SUFFIX = ".lmstack-partial"
 BATCH_CHARS = 1 << 18  # characters per worker task in stage 1: amortises IPC, yet many tasks per MB
@@ -178,6 +179,8 @@ def _make_pool(workers: int, initializer: Callable | None = None, initargs: tupl
 # ---------------------------------------------------------------------- stage 1
 @dataclass
 class Stage1Stats:
+    """What stage 1 counted (saved as work/stage1.json, so a resumed run still reports it)."""
+
     ingest: dict = field(default_factory=dict)
     filtered: dict[str, int] = field(default_factory=dict)
     exact_duplicates: int = 0
@@ -270,15 +273,14 @@ def _ingest_summary(stats: IngestStats) -> str:
 
 
 # ---------------------------------------------------------------------- stages 2-4
-def _spool_texts(spool_dir: Path, num_chunks: int) -> Iterator[str]:
+def spool_texts(spool_dir: Path, num_chunks: int) -> Iterator[str]:
+    """Every document of a spool, in order (one chunk memory-mapped at a time)."""
     for chunk in range(num_chunks):
         yield from pack.iter_chunk_documents(spool_dir, chunk)
 
 
-def prepare_tokenizer(cfg: PrepareConfig, work: Path, stage1: Stage1Stats) -> Any:
+def prepare_tokenizer(cfg: PrepareConfig, work: Path, stage1: Stage1Stats) -> Tokenizer:
     """The tokenizer to use, saved (once) at work/tokenizer: loaded from --tokenizer or trained on the spool."""
-    from lmstack.tokenizer import Tokenizer, train_tokenizer
-
     target = work / "tokenizer"
     if target.exists():
         return Tokenizer.load(target)
@@ -289,12 +291,13 @@ def prepare_tokenizer(cfg: PrepareConfig, work: Path, stage1: Stage1Stats) -> An
         name = "all" if cfg.split == "tail" else "train"
         print(f"lmstack data: training a {kind} tokenizer (vocab {vocab or 'all characters'}) on "
               f"{stage1.kept[name]} clean documents", file=sys.stderr)
-        tokenizer = train_tokenizer(_spool_texts(work / "spool" / name, stage1.chunks[name]), kind, vocab)
+        tokenizer = train_tokenizer(spool_texts(work / "spool" / name, stage1.chunks[name]), kind, vocab)
     tokenizer.save(target)
     return tokenizer
 
 
-def run_tokenize(cfg: PrepareConfig, work: Path, stage1: Stage1Stats, tokenizer: Any) -> dict[str, list[dict]]:
+def run_tokenize(cfg: PrepareConfig, work: Path, stage1: Stage1Stats,
+                 tokenizer: Tokenizer) -> dict[str, list[dict]]:
     """Tokenise every spool chunk that has no finished shard yet; returns each spool's shard metas in order."""
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -374,7 +377,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     if not os.access(parent, os.W_OK):
         raise PrepareError(f"{output}: cannot write there ({parent} is not writable)")
     if cfg.tokenizer:
-        from lmstack.tokenizer import Tokenizer
         Tokenizer.load(cfg.tokenizer)  # a bad tokenizer directory fails now, not after stage 1
     with _exclusive(parent / f".{output.name}.lmstack-lock", output):
         return _run(cfg, output)
