@@ -72,6 +72,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     model = lmstack.Transformer(ModelConfig(**CONFIG)).eval()
     with tempfile.TemporaryDirectory() as directory:

@@ -36,6 +36,15 @@ def test_batched_equals_each_alone(model):
         assert batched.logprobs[row] == pytest.approx(alone.logprobs[0], abs=1e-4)
 
 
+def test_beam_search_batched_equals_each_alone(model):
+    options = dict(num_beams=3, num_return_sequences=2, length_penalty=0.7, max_new_tokens=10, repetition_penalty=1.3)
+    batched = generate(model, None, PROMPTS, **options)
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(model, None, [prompt], **options)
+        assert [b.token_ids for b in batched.beams[row]] == [b.token_ids for b in alone.beams[0]]
+        assert [b.score for b in batched.beams[row]] == pytest.approx([b.score for b in alone.beams[0]], abs=1e-4)
+
+
 def test_each_row_finishes_on_its_own(model):
     free = generate(model, None, PROMPTS, max_new_tokens=20)
     eos = free.token_ids[0][3]  # row 0 emits this at step 3; it ends row 0 there
