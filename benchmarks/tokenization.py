@@ -9,7 +9,8 @@ Prints one JSON line. Both sides tokenise the identical documents with the ident
 (a byte-level BPE trained once on the data, outside the timing) and must produce the same number
 of tokens. lmstack's figure covers the whole tokenise stage: reading the spooled text, encoding,
 appending eos and writing the shard files. The peer only encodes in memory (its text is already
-loaded), using the Rust thread pool on every core. Best of --repeats runs each.
+loaded), using the Rust thread pool on every core. Both start each repeat with a freshly loaded
+tokenizer (a cold BPE cache), as a real run does. Best of --repeats runs each.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import tokenizers
 import torch
 
 from lmstack.data import pipeline
@@ -65,10 +67,11 @@ def main() -> None:
             ours = min(ours, time.perf_counter() - t0)
             ours_tokens = sum(m["num_tokens"] - m["num_documents"] for m in metas["train"])  # without eos
 
-        backend = tokenizer.backend
         peer, peer_tokens = float("inf"), 0
         batch = 1024
         for _ in range(args.repeats):
+            # a fresh tokenizer each repeat: its BPE word cache starts cold, as in each pipeline worker
+            backend = tokenizers.Tokenizer.from_file(str(work / "tokenizer" / "tokenizer.json"))
             t0 = time.perf_counter()
             count = 0
             for i in range(0, len(texts), batch):
