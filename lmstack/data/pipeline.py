@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from tqdm import tqdm
 
 from lmstack.data import pack
 from lmstack.data.builtin import python_docs_fingerprint, read_builtin
@@ -176,6 +177,12 @@ def _make_pool(workers: int, initializer: Callable | None = None, initargs: tupl
                                                      initargs=(initializer, initargs))
 
 
+def _progress(desc: str, unit: str, total: int | None = None) -> tqdm:
+    """A progress bar on stderr when it is a terminal (logs and tests stay clean)."""
+    return tqdm(desc=f"lmstack data: {desc}", unit=unit, total=total, disable=not sys.stderr.isatty(),
+                file=sys.stderr, leave=False)
+
+
 # ---------------------------------------------------------------------- stage 1
 @dataclass
 class Stage1Stats:
@@ -220,10 +227,12 @@ def run_stage1(cfg: PrepareConfig, work: Path) -> Stage1Stats:
     exact_dups = near_dups = 0
     dedup = cfg.dedup
     pool = _make_pool(cfg.workers, _init_clean_worker, (cfg.clean, cfg.quality, dedup))
+    progress = _progress("clean+dedup", "doc")
     try:
         results = ordered_map(pool, _clean_batch, _batches(_document_source(cfg, ingest), BATCH_CHARS),
                               max_in_flight=2 * max(cfg.workers, 1))
         for batch in results:
+            progress.update(len(batch))
             for failed, text, key, sig_bytes in batch:
                 if failed is not None:
                     filtered[failed] += 1
@@ -249,6 +258,7 @@ def run_stage1(cfg: PrepareConfig, work: Path) -> Stage1Stats:
                 if near is not None:
                     near.add(k, sig)
     finally:
+        progress.close()
         if pool is not None:
             pool.terminate()
     for writer in writers.values():
@@ -316,10 +326,13 @@ def run_tokenize(cfg: PrepareConfig, work: Path, stage1: Stage1Stats,
     if resumed:
         print(f"lmstack data: resuming: {resumed} finished shards kept, {len(jobs)} to tokenise", file=sys.stderr)
     pool = _make_pool(min(cfg.workers, len(jobs)))
+    progress = _progress("tokenize", "shard", total=len(jobs))
     try:
         for job, meta in zip(jobs, ordered_map(pool, pack.tokenize_chunk, jobs, max_in_flight=2 * max(cfg.workers, 1))):
             metas[Path(job.shard_dir).name][job.chunk] = meta
+            progress.update(1)
     finally:
+        progress.close()
         if pool is not None:
             pool.terminate()
     return {name: [m for m in ms if m is not None] for name, ms in metas.items()}
