@@ -121,12 +121,17 @@ class NearDuplicateIndex:
         self.fetch_shingles = fetch_shingles
         # band key -> the kept document holding it, or a list of them when several do (rare: an int
         # per entry keeps the common case small)
-        self.tables: list[dict[bytes, int | list[int]]] = [{} for _ in range(self.bands)]
+        self.tables: list[dict[int, int | list[int]]] = [{} for _ in range(self.bands)]
         self.candidates_checked = 0
 
-    def _band_keys(self, signature: np.ndarray) -> list[bytes]:
-        r = self.rows
-        return [signature[i * r:(i + 1) * r].tobytes() for i in range(self.bands)]
+    def _band_keys(self, signature: np.ndarray) -> list[int]:
+        """(P,) signature -> one 64-bit hash per band of r rows (a collision only costs a verification)."""
+        rows = signature[:self.bands * self.rows].reshape(self.bands, self.rows)  # (b, r)
+        keys = np.zeros(self.bands, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(self.rows):
+                keys = (keys ^ rows[:, j]) * np.uint64(0x9E3779B97F4A7C15)
+        return keys.tolist()
 
     def find(self, signature: np.ndarray, shingles: np.ndarray | Callable[[], np.ndarray]) -> int | None:
         """The id of a kept document with Jaccard >= threshold to the new document, or None.
