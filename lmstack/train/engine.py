@@ -101,7 +101,11 @@ class Engine:
 
         checkpoint = ckpt.load_checkpoint(resume_from) if resume_from is not None else None
         if checkpoint is not None:  # weights go in before wrapping: FSDP shards whatever the model holds then
-            model.load_state_dict(checkpoint.model_state)
+            try:
+                model.load_state_dict(checkpoint.model_state)
+            except RuntimeError as e:
+                raise ckpt.CheckpointError(f"{checkpoint.path}: does not fit the configured model (was the model "
+                                           f"config changed?): {str(e).splitlines()[-1].strip()}") from None
             self._restore_counters(checkpoint.trainer_state)
         self.base_model = model  # parameter names without DDP's "module." prefix
         if hasattr(model, "gradient_checkpointing"):
@@ -123,6 +127,14 @@ class Engine:
         self.start_step = int(state["step"])
         self.best_val_loss = float(state.get("best_val_loss") or math.inf)
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        state_fn = getattr(self.batches, "state_dict", None)
+        saved_data, data_now = state.get("data", {}), state_fn(self.start_step) if state_fn else {}
+        changed = [k for k in ("seed", "seq_len", "global_batch_windows") if k in saved_data and k in data_now
+                   and saved_data[k] != data_now[k]]
+        if changed and self.dist.is_main:
+            print(f"lmstack: resuming with a different {', '.join(changed)} than the checkpoint's "
+                  f"({', '.join(f'{k}={saved_data[k]}' for k in changed)}): the run continues, but not exactly as "
+                  "the interrupted one would have")
         saved_world = state.get("world_size", 1)
         if saved_world != self.dist.world_size and self.dist.is_main:
             print(f"lmstack: resuming a {saved_world}-process checkpoint with {self.dist.world_size} processes; "

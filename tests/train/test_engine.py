@@ -30,14 +30,15 @@ def _objective(model, batch):
     return causal_lm_loss(model, *batch)
 
 
-def _engine(data: Path, out: Path | None = None, model: Transformer | None = None, **train) -> Engine:
+def _engine(data: Path, out: Path | None = None, model: Transformer | None = None, resume_from: Path | None = None,
+            **train) -> Engine:
     cfg = TrainConfig(**{"steps": 6, "batch_size": 4, "seq_len": 16, "progress": False, "eval_every": 3,
                          "peak_flops": 1e9, **train})
     stream = TokenStream(data / "train")
     batches = PretrainBatches(stream, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed)
     val = validation_batches(TokenStream(data / "val"), cfg.seq_len, cfg.batch_size, 8)
     return Engine(model or _model(), _objective, batches, cfg, OptimConfig(lr=3e-3, weight_decay=0.1),
-                  ScheduleConfig(warmup_steps=2, min_lr=3e-4), out_dir=out, val_batches=val)
+                  ScheduleConfig(warmup_steps=2, min_lr=3e-4), out_dir=out, val_batches=val, resume_from=resume_from)
 
 
 def test_engine_equals_a_hand_written_training_loop(tiny_data: Path):
@@ -94,6 +95,13 @@ def test_logs_checkpoints_and_plot(tiny_data: Path, tmp_path: Path):
     assert best["val_loss"] == min(r["val_loss"] for r in evals)
 
 
+def test_resume_into_a_different_model_is_a_clear_error(tiny_data: Path, tmp_path: Path):
+    _engine(tiny_data, tmp_path, steps=2, eval_every=0).fit()
+    other = Transformer(preset("llama-tiny", vocab_size=64, max_seq_len=32, intermediate_size=64))
+    with pytest.raises(ValueError, match=r"step-00000002: does not fit the configured model .*size mismatch"):
+        _engine(tiny_data, tmp_path, model=other, resume_from=tmp_path / "checkpoints/step-00000002")
+
+
 def test_non_finite_steps_are_skipped_then_stop(tiny_data: Path, tmp_path: Path):
     engine = _engine(tiny_data, tmp_path, max_nonfinite=2, eval_every=0)
     calls = {"n": 0}
@@ -137,3 +145,15 @@ def test_precision_policy(monkeypatch: pytest.MonkeyPatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="train.device is 'cuda'"):
             device_mod.resolve_device("cuda")
+
+
+@pytest.mark.slow
+def test_compile_option_gives_the_same_losses(tiny_data: Path, tmp_path: Path):
+    """train.compile=true (inductor on CPU): the same curve as eager, to float rounding; names unchanged."""
+    _engine(tiny_data, tmp_path / "eager", steps=3, eval_every=0).fit()
+    compiled = _engine(tiny_data, tmp_path / "compiled", steps=3, eval_every=0, compile=True)
+    compiled.fit()
+    eager_losses = [r["loss"] for r in read_metrics(tmp_path / "eager/metrics.jsonl") if r["kind"] == "train"]
+    compiled_losses = [r["loss"] for r in read_metrics(tmp_path / "compiled/metrics.jsonl") if r["kind"] == "train"]
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-4)
+    assert (tmp_path / "compiled/checkpoints/step-00000003/model.safetensors").exists()
