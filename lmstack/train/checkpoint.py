@@ -28,7 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from lmstack.atomic import atomic_dir, write_text
 from lmstack.config import ModelConfig
-from lmstack.interop.hf import CheckpointError, load_state_dict, read_config, write_weights
+from lmstack.interop.hf import (
+    CheckpointError,
+    load_state_dict,
+    read_config,
+    write_weights,
+)
 from lmstack.model.transformer import Transformer
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"

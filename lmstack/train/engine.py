@@ -33,8 +33,16 @@ from lmstack import __version__
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from lmstack.train.device import autocast, peak_flops, resolve_device, resolve_precision
-from lmstack.train.distributed import (DistContext, all_reduce_mean, as_local_tensor, full_model_state,
-                                       full_optimizer_state, gradient_sync, load_full_optimizer_state, wrap_model)
+from lmstack.train.distributed import (
+    DistContext,
+    all_reduce_mean,
+    as_local_tensor,
+    full_model_state,
+    full_optimizer_state,
+    gradient_sync,
+    load_full_optimizer_state,
+    wrap_model,
+)
 from lmstack.train.metrics import MetricsLog, mfu
 from lmstack.train.optim import build_optimizer
 from lmstack.train.plot import plot_loss_curve

@@ -44,7 +44,7 @@ class MetricsLog:
         elif self.path.exists():
             self.path.unlink()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run; closed in close())
         self._tb = _tensorboard_writer(Path(out_dir) / "tensorboard") if tensorboard else None
 
     def log(self, record: dict[str, Any]) -> None:

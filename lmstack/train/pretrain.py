@@ -26,7 +26,7 @@ from lmstack.model.transformer import Transformer
 from lmstack.schema import ConfigError, from_dict, load_config, to_dict
 from lmstack.train.checkpoint import latest_checkpoint, list_checkpoints
 from lmstack.train.config import PretrainConfig
-from lmstack.train.device import resolve_device
+from lmstack.train.device import resolve_device, resolve_precision
 from lmstack.train.distributed import init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
 from lmstack.train.objectives import causal_lm_loss
@@ -64,6 +64,7 @@ def run(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
+    resolve_precision(cfg.train.precision, device)  # refuse bf16 on a CPU without it before anything is written
     dist = init_distributed(device.type)
     try:
         train_stream = TokenStream(data_dir / "train")

@@ -20,10 +20,10 @@ def write_split(directory: Path, tokens: np.ndarray, vocab_size: int, eos_token_
         piece = tokens[start:start + shard_tokens].astype(dtype)
         name = f"shard-{i:05d}.bin"
         piece.tofile(directory / name)
-        shards.append({"file": name, "num_tokens": int(len(piece)), "num_documents": int((piece == eos_token_id).sum()),
+        shards.append({"file": name, "num_tokens": len(piece), "num_documents": int((piece == eos_token_id).sum()),
                        "doc_offsets": f"shard-{i:05d}.docs.bin"})
     index = {"format": "lmstack-tokens-v1", "dtype": dtype, "vocab_size": vocab_size, "eos_token_id": eos_token_id,
-             "tokenizer_sha256": "test", "num_tokens": int(len(tokens)),
+             "tokenizer_sha256": "test", "num_tokens": len(tokens),
              "num_documents": sum(s["num_documents"] for s in shards), "shards": shards}
     (directory / "index.json").write_text(json.dumps(index))
 

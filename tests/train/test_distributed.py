@@ -43,7 +43,7 @@ def _single(data: Path, out: Path, *extra: str) -> None:
 def _torchrun(data: Path, out: Path, *extra: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmstack",
            *_args(data, out, 4, *extra)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -64,7 +64,7 @@ def test_engine_equals_a_hand_written_training_loop(tiny_data: Path):
         opt.step()
         opt.zero_grad()
     for (name, a), b in zip(engine.base_model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_grad_accumulation_equals_a_bigger_batch(tiny_data: Path, tmp_path: Path):

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from lmstack.data.loader import DataError, PretrainBatches, TokenStream, validation_batches
+from lmstack.data.loader import (
+    DataError,
+    PretrainBatches,
+    TokenStream,
+    validation_batches,
+)
 from lmstack.schema import ConfigError, load_config
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import PretrainConfig

@@ -66,7 +66,7 @@ def test_kill_and_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Path):
         assert torch.equal(a[name], b[name]), name
     oa, ob = load_file(straight / final / "optimizer.safetensors"), load_file(resumed / final / "optimizer.safetensors")
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
-    evals = lambda out: [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]  # noqa: E731
+    evals = lambda out: [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals(resumed) == evals(straight)
 
 
