@@ -3,6 +3,9 @@
     Engine(model, objective, batches, train_cfg, optim_cfg, schedule_cfg, ...).fit()
 
 - objective(model, batch) -> scalar loss (mean over the micro-batch); see lmstack.train.objectives.
+  Micro-batches (and ranks) are weighted equally, which is exact when each holds the same number of
+  scored tokens (pretraining's full windows). An objective whose micro-batches score different numbers
+  of tokens (SFT with masked prompts) should normalise by a per-step count, not its own.
 - batches.micro_batches(step) -> this rank's micro-batches for optimizer step `step`. Batches are a
   pure function of the step (lmstack.data.loader), which is what makes resume exact.
 - which parameters train: their `requires_grad` (LoRA freezes the base model before building the engine).
