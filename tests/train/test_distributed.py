@@ -41,8 +41,10 @@ def _single(data: Path, out: Path, *extra: str) -> None:
 
 
 def _torchrun(data: Path, out: Path, *extra: str) -> None:
+    """2 processes x batch 2 x 2 accumulated micro-batches: the same 8-window global batch as `_single`, and the
+    accumulation path (no gradient sync on the first micro-batch: DDP no_sync, FSDP2 set_requires_gradient_sync)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmstack",
-           *_args(data, out, 4, *extra)]
+           *_args(data, out, 2, "--train.grad_accum=2", *extra)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
