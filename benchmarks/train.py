@@ -170,7 +170,7 @@ class Worker:
     def __init__(self, side: str, compile_model: bool):
         args = [sys.executable, __file__, "--worker", side] + ([] if compile_model else ["--no-compile"])
         # A cold compile (no inductor cache from an earlier run), so compile_s is what a first run pays.
-        env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+        env = {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
         self.side = side
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.hello = self._read()
