@@ -19,7 +19,10 @@ step, so it too is a pure function of the step. Rank 0 logs, plots and writes ch
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -195,6 +198,35 @@ class Engine:
             if main and self.out_dir is not None else None
         bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not (main and cfg.progress), unit="step",
                    dynamic_ncols=True, desc="train")
+        with self._stop_on_interrupt() as interrupted:
+            return self._loop(log, bar, interrupted)
+
+    @contextlib.contextmanager
+    def _stop_on_interrupt(self):
+        """Ctrl-C ends the run *between* steps with a checkpoint, never in the middle of an optimizer update.
+
+        The first SIGINT sets a flag the loop checks after each step; a second one interrupts at once.
+        Only in single-process runs: under torchrun the ranks could stop at different steps and hang in
+        the checkpoint's collectives, so there Ctrl-C keeps its default meaning.
+        """
+        flag = threading.Event()
+        if self.dist.enabled or self.out_dir is None or threading.current_thread() is not threading.main_thread():
+            yield flag
+            return
+
+        def handler(signum, frame):
+            flag.set()
+            signal.signal(signal.SIGINT, previous)
+            tqdm.write("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield flag
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _loop(self, log: MetricsLog | None, bar: tqdm, interrupted: threading.Event) -> TrainResult:
+        cfg, main = self.cfg, self.dist.is_main
         tokens_per_step = self.batches.tokens_per_step
         started, last_loss, val_loss, saved = time.perf_counter(), None, None, None
         try:
@@ -238,6 +270,11 @@ class Engine:
                     saved = self.save(done, val_now)
                     if log and done < cfg.steps:  # the curve so far, next to the checkpoint (the final one: below)
                         plot_loss_curve(log.records, self.out_dir / "loss.png", title=str(self.out_dir))
+                if interrupted.is_set():
+                    if saved != ckpt.step_dir(self.out_dir / "checkpoints", done):
+                        saved = self.save(done, val_now)
+                    tqdm.write(f"stopped at step {done}; checkpoint {saved}; --resume continues from it")
+                    raise KeyboardInterrupt
         finally:
             bar.close()
             if log:

@@ -157,3 +157,34 @@ def test_compile_option_gives_the_same_losses(tiny_data: Path, tmp_path: Path):
     compiled_losses = [r["loss"] for r in read_metrics(tmp_path / "compiled/metrics.jsonl") if r["kind"] == "train"]
     assert compiled_losses == pytest.approx(eager_losses, abs=1e-4)
     assert (tmp_path / "compiled/checkpoints/step-00000003/model.safetensors").exists()
+
+
+def test_ctrl_c_stops_between_steps_with_a_checkpoint_and_resume_is_exact(tiny_data: Path, tmp_path: Path):
+    """SIGINT during step 3 finishes that step, writes checkpoint 3 and raises KeyboardInterrupt; resuming
+    from it ends with exactly the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    straight = _engine(tiny_data, tmp_path / "straight")
+    straight.fit()
+
+    engine = _engine(tiny_data, tmp_path / "interrupted")
+    calls = {"n": 0}
+
+    def objective_that_gets_interrupted(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the 3rd optimizer step's forward
+            os.kill(os.getpid(), signal.SIGINT)
+        return causal_lm_loss(model, *batch)
+
+    engine.objective = objective_that_gets_interrupted
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    checkpoints = sorted(p.name for p in (tmp_path / "interrupted/checkpoints").glob("step-*"))
+    assert checkpoints[-1] == "step-00000003"
+
+    resumed = _engine(tiny_data, tmp_path / "interrupted", resume_from=tmp_path / "interrupted/checkpoints/step-00000003")
+    resumed.fit()
+    for (name, a), b in zip(resumed.base_model.named_parameters(), straight.base_model.parameters()):
+        assert torch.equal(a, b), name
