@@ -35,19 +35,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        for child in tmp.rglob("*"):
-            if child.is_file():
-                _fsync(child)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(finished: Path, path: Path) -> None:
+    """Move the complete directory `finished` onto `path` (a sibling), fsyncing its files first.
+
+    An existing `path` is renamed aside and deleted only after the new one is in place, so at every
+    moment `path` is either the old directory or the new one.
+    """
+    for child in finished.rglob("*"):
+        if child.is_file():
+            _fsync(child)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(finished, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(finished, path)
 
 
 @contextlib.contextmanager

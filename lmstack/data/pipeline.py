@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
+from lmstack.atomic import replace_directory
 from lmstack.data import pack
 from lmstack.data.builtin import python_docs_fingerprint, read_builtin
 from lmstack.data.clean import QualityConfig, QualityFilter, normalize
@@ -446,21 +447,6 @@ def _run(cfg: PrepareConfig, output: Path) -> dict:
     report = build_report(cfg, stage1, all_metas, train_index, val_index, header,
                           tokenize_seconds=tokenize_seconds, total_seconds=time.perf_counter() - t0)
     write_report(final, report)
-    _swap_into_place(final, output)
+    replace_directory(final, output)
     shutil.rmtree(work, ignore_errors=True)
     return report
-
-
-def _swap_into_place(final: Path, output: Path) -> None:
-    """Rename the finished directory onto `output` (replacing an old one only after the new one is whole)."""
-    for f in final.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(final, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(final, output)
