@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 import lmstack
@@ -64,7 +63,6 @@ def test_quickstart_end_to_end_on_real_text(shared_data, tmp_path):
     assert (out / "run/metrics.jsonl").read_text() == before
 
 
-@pytest.mark.slow
 def test_quickstart_default_corpus_interrupt_and_resume(tmp_path):
     """The real default (builtin corpus); SIGINT mid-training leaves a checkpoint and a report; a rerun finishes."""
     out = tmp_path / "qs"

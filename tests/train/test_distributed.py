@@ -15,7 +15,6 @@ from lmstack.train.metrics import read_metrics
 
 from .conftest import write_split
 
-pytestmark = pytest.mark.slow  # three torchrun launches: ~30-60 s on 2 cores
 
 STEPS = 10
 
