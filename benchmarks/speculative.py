@@ -51,7 +51,7 @@ def train(model: lmstack.Transformer, data: torch.Tensor, steps: int, batch: int
             group["lr"] = lr * (1 - step / steps)
         optimizer.step()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def main() -> None:
