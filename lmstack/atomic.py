@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _check_parent_writable(path: Path) -> None:
+def ensure_parent_writable(path: Path) -> None:
+    """Create `path`'s parent directory if needed; a clear OSError naming it when that or writing there fails."""
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -31,7 +32,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     On any exception the temporary directory is removed and an existing `path` is left untouched.
     """
     path = Path(path)
-    _check_parent_writable(path)
+    ensure_parent_writable(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
@@ -63,7 +64,7 @@ def replace_directory(finished: Path, path: Path) -> None:
 def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
     """Open a temporary sibling file for writing; on success it is fsynced and renamed onto `path`."""
     path = Path(path)
-    _check_parent_writable(path)
+    ensure_parent_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:

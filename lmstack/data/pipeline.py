@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.atomic import replace_directory
+from lmstack.atomic import ensure_parent_writable, replace_directory
 from lmstack.data import pack
 from lmstack.data.builtin import python_docs_fingerprint, read_builtin
 from lmstack.data.clean import QualityConfig, QualityFilter, normalize
@@ -383,13 +383,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:
         raise PrepareError(f"{output}: already exists (pass --overwrite to replace it)")
+    ensure_parent_writable(output.resolve())
     parent = output.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PrepareError(f"{parent}: cannot create the output's directory ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise PrepareError(f"{output}: cannot write there ({parent} is not writable)")
     if cfg.tokenizer:
         Tokenizer.load(cfg.tokenizer)  # a bad tokenizer directory fails now, not after stage 1
     with _exclusive(parent / f".{output.name}.lmstack-lock", output):
