@@ -13,6 +13,7 @@ Shapes: B batch, P padded prompt length, S cache slots, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -104,17 +105,15 @@ def decode_step(model: Transformer, tokens: torch.Tensor, slot: torch.Tensor, po
         return logits[:, -1].float()
 
 
-_compiled_decode_step: Callable[..., torch.Tensor] | None = None
+@functools.cache
+def compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn` compiled once per process (torch.compile then caches a graph per input shape)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 def decode_step_fn(compile: bool) -> Callable[..., torch.Tensor]:
-    """The decode step, compiled once per process when asked (torch.compile caches a graph per shape)."""
-    global _compiled_decode_step
-    if not compile:
-        return decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
-    return _compiled_decode_step
+    """The decode step, compiled when asked."""
+    return compiled(decode_step) if compile else decode_step
 
 
 def cache_length(padded_prompt_len: int, max_new_tokens: int, context: int, compile: bool) -> int:

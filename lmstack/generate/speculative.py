@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 
 from lmstack.generate.config import GenerationConfig
-from lmstack.generate.generate import (GenerationOutput, GenerationStats, _autocast, build_output, decode_step_fn,
-                                       prefill, prepare, resolve_eos_ids)
+from lmstack.generate.generate import (GenerationOutput, GenerationStats, _autocast, build_output, compiled,
+                                       decode_step_fn, prefill, prepare, resolve_eos_ids)
 from lmstack.generate.prompts import PromptInput, TokenizerLike
 from lmstack.generate.stopping import SequenceState
 from lmstack.model.transformer import Transformer
@@ -35,16 +35,8 @@ def score_tokens(model: Transformer, tokens: torch.Tensor, slots: torch.Tensor, 
         return model(tokens, attention_mask=cache_mask, position_ids=positions, cache_slots=slots).float()
 
 
-_compiled_score_tokens: Callable[..., torch.Tensor] | None = None
-
-
 def _score_fn(compile: bool) -> Callable[..., torch.Tensor]:
-    global _compiled_score_tokens
-    if not compile:
-        return score_tokens
-    if _compiled_score_tokens is None:
-        _compiled_score_tokens = torch.compile(score_tokens, fullgraph=True, dynamic=False)
-    return _compiled_score_tokens
+    return compiled(score_tokens) if compile else score_tokens
 
 
 def check_draft(target: Transformer, draft: Transformer, config: GenerationConfig) -> None:
