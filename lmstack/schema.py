@@ -150,6 +150,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_json(path: str | Path, error: type[ValueError] = ConfigError, missing: str = "not found") -> Any:
+    """Parse a JSON file; a missing file or a syntax error is one `error` naming the file (and the line)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a parse error or a non-mapping names the file (and line, when YAML knows it)."""
     path = Path(path)

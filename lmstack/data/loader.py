@@ -14,12 +14,13 @@ Shapes: B windows per micro-batch, T tokens per window.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lmstack.schema import read_json
 
 FORMAT = "lmstack-tokens-v1"
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -44,12 +45,7 @@ class TokenStream:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         index_path = self.directory / "index.json"
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{index_path}: not found; prepare data with `lmstack data prepare`") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{index_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        index = read_json(index_path, DataError, "not found; prepare data with `lmstack data prepare`")
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise DataError(f"{index_path}: format is {index.get('format') if isinstance(index, dict) else None!r}, "
                             f"expected {FORMAT!r}")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmstack.data.clean import QualityFilter
 from lmstack.data.dedup import choose_bands
+from lmstack.schema import read_json
 
 if TYPE_CHECKING:  # only for annotations: pipeline imports this module
     from lmstack.data.pack import IndexHeader
@@ -116,10 +117,5 @@ def write_report(directory: Path, report: dict[str, Any]) -> None:
 
 
 def load_report(output: Path) -> dict:
-    path = output / "data_report.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: not found (is {output} the output of `lmstack data prepare`?)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return read_json(output / "data_report.json", ValueError,
+                     f"not found (is {output} the output of `lmstack data prepare`?)")

@@ -20,7 +20,7 @@ from lmstack.atomic import atomic_dir
 from lmstack.config import PRESETS, ModelConfig, preset
 from lmstack.interop.hf_config import config_from_hf, config_to_hf, hf_incompatibility
 from lmstack.model.transformer import Transformer
-from lmstack.schema import ConfigError
+from lmstack.schema import ConfigError, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -97,12 +97,7 @@ def lmstack_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterat
 # ------------------------------------------------------------------------------------------- load
 def read_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / "config.json"
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; a model directory needs config.json") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    hf = read_json(path, CheckpointError, "not found; a model directory needs config.json")
     return config_from_hf(hf, str(path))
 
 

@@ -35,6 +35,7 @@ from lmstack.interop.hf import (
     write_weights,
 )
 from lmstack.model.transformer import Transformer
+from lmstack.schema import read_json
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_SKELETON = "optimizer.json"
@@ -114,11 +115,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     model_state = load_state_dict(path, config)
     if config.tie_word_embeddings:
         model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
-    try:
-        skeleton = json.loads((path / OPTIMIZER_SKELETON).read_text(encoding="utf-8"))
-        trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON in a state file ({e})") from None
+    skeleton = read_json(path / OPTIMIZER_SKELETON, CheckpointError)
+    trainer_state = read_json(path / TRAINER_STATE, CheckpointError)
     optimizer_state = unflatten_optimizer_state(load_file(path / OPTIMIZER_TENSORS), skeleton)
     return Checkpoint(path, config, model_state, optimizer_state, trainer_state)
 
