@@ -16,33 +16,23 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Callable
 
 import torch
 
 import lmstack
 from lmstack.config import ModelConfig
+from timing import best_seconds  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 CONFIG = dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376,
               max_seq_len=1024, tie_word_embeddings=True)
 PROMPT, NEW = 32, 64
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def copy_bandwidth(repeats: int = 10) -> float:
     """Bytes moved per second (read + write) copying a buffer much larger than the last-level cache."""
     src = torch.rand(64 * 2**20)  # 256 MiB
     dst = torch.empty_like(src)
-    seconds = best_time(lambda: dst.copy_(src), repeats)
+    seconds = best_seconds(lambda: dst.copy_(src), repeats, warmup=1)
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -93,7 +83,7 @@ def main() -> None:
                 peer.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
                               do_sample=False, pad_token_id=0)
 
-        peer_tok_s = B * NEW / best_time(peer_generate, args.repeats)
+        peer_tok_s = B * NEW / best_seconds(peer_generate, args.repeats, warmup=1)
         eager = lmstack_run(model, ids, False, args.repeats)
         result[f"batch{B}"] = {"peer_tok_s": round(peer_tok_s, 1), "eager": {k: round(v, 1) for k, v in eager.items()},
                                "eager_ratio": round(eager["tok_s"] / peer_tok_s, 2), "_best": eager}

@@ -19,17 +19,9 @@ from pathlib import Path
 import torch
 
 from lmstack.tokenizer import load_tokenizer, train_tokenizer
+from timing import best_seconds  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg_nltk"
-
-
-def best_seconds(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
