@@ -24,8 +24,8 @@ import time
 import torch
 
 from lmstack.generate.config import GenerationConfig
-from lmstack.generate.generate import (Beam, GenerationOutput, GenerationStats, cache_length, decode_step_fn, prepare,
-                                       prefill, resolve_eos_ids)
+from lmstack.generate.generate import (Beam, GenerationOutput, GenerationStats, cache_length, decode_step_fn,
+                                       kv_cache_session, prefill, prepare, resolve_eos_ids)
 from lmstack.generate.prompts import PromptInput, TokenizerLike
 from lmstack.generate.sampling import TokenCounts, apply_penalties
 from lmstack.model.transformer import Transformer
@@ -70,7 +70,7 @@ def beam_search(model: Transformer, tokenizer: TokenizerLike | None, prompts: Pr
     cache_mask = torch.ones(B * K, S, dtype=torch.long, device=device)
     cache_mask[:, :P] = prompt_mask
     counts = TokenCounts(ids, prompt_mask, model.config.vocab_size) if config.uses_penalties else None
-    step_fn = decode_step_fn(config.compile)
+    step_fn = decode_step_fn(model, config.compile)
     slot = torch.zeros(1, dtype=torch.long, device=device)  # refilled in place: no host-to-device copy
     row_base = (torch.arange(B, device=device) * K)[:, None]  # (B, 1): first cache row of each prompt
 
@@ -84,10 +84,7 @@ def beam_search(model: Transformer, tokenizer: TokenizerLike | None, prompts: Pr
     can_improve = torch.ones(B, 1, dtype=torch.bool, device=device)
     stats = GenerationStats(prompt_tokens=int(batch.lengths.sum()), batch_size=B * K)
 
-    was_training = model.training
-    model.eval()
-    model.setup_cache(B * K, S)
-    try:
+    with kv_cache_session(model, B * K, S, config.compile):
         start = time.perf_counter()
         logits = prefill(model, ids, cache_mask)  # (B*K, V)
         stats.prefill_s = time.perf_counter() - start
@@ -143,9 +140,6 @@ def beam_search(model: Transformer, tokenizer: TokenizerLike | None, prompts: Pr
             logits = step_fn(model, next_tokens[:, None], slot.fill_(P + t), positions, cache_mask)
             stats.decode_steps += 1
         stats.decode_s = time.perf_counter() - start
-    finally:
-        model.clear_cache()
-        model.train(was_training)
 
     beams: list[list[Beam]] = []
     for b in range(B):

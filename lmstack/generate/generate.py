@@ -13,7 +13,7 @@ Shapes: B batch, P padded prompt length, S cache slots, V vocabulary.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lmstack.generate.compiled import compiled_for, kept_cache
 from lmstack.generate.config import GenerationConfig, resolve_config
 from lmstack.generate.prompts import PromptBatch, PromptInput, TokenizerLike, encode_prompts, fit_to_context, left_pad
 from lmstack.generate.sampling import TokenCounts, next_tokens, token_logprobs
@@ -105,15 +106,30 @@ def decode_step(model: Transformer, tokens: torch.Tensor, slot: torch.Tensor, po
         return logits[:, -1].float()
 
 
-@functools.cache
-def compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`fn` compiled once per process (torch.compile then caches a graph per input shape)."""
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+def decode_step_fn(model: Transformer, compile: bool) -> Callable[..., torch.Tensor]:
+    """The decode step, compiled for `model` when asked (see lmstack.generate.compiled)."""
+    return compiled_for(model, decode_step) if compile else decode_step
 
 
-def decode_step_fn(compile: bool) -> Callable[..., torch.Tensor]:
-    """The decode step, compiled when asked."""
-    return compiled(decode_step) if compile else decode_step
+@contextlib.contextmanager
+def kv_cache_session(model: Transformer, batch_size: int, cache_len: int, compile: bool) -> Iterator[None]:
+    """Eval mode and a static KV cache of `cache_len` slots for one generation; afterwards the model's
+    mode and cache are what they were. Compiled runs take their cache from `kept_cache`: a frozen graph
+    is specialised to the cache tensors it was compiled with."""
+    was_training = model.training
+    previous = [block.self_attn.kv_cache for block in model.model.layers]
+    model.eval()
+    if compile:
+        for block, cache in zip(model.model.layers, kept_cache(model, batch_size, cache_len)):
+            block.self_attn.kv_cache = cache
+    else:
+        model.setup_cache(batch_size, cache_len)
+    try:
+        yield
+    finally:
+        for block, cache in zip(model.model.layers, previous):
+            block.self_attn.kv_cache = cache
+        model.train(was_training)
 
 
 def cache_length(padded_prompt_len: int, max_new_tokens: int, context: int, compile: bool) -> int:
@@ -204,15 +220,12 @@ class GenerationRun:
         B, P = batch.ids.shape
         device = batch.ids.device
         S = cache_length(P, self.max_new_tokens, model.config.max_seq_len, config.compile)
-        was_training = model.training
-        model.eval()
-        model.setup_cache(B, S)
-        try:
+        with kv_cache_session(model, B, S, config.compile):
             cache_mask = torch.ones(B, S, dtype=torch.long, device=device)
             cache_mask[:, :P] = batch.mask  # pads stay hidden; later slots are guarded by causality
             counts = TokenCounts(batch.ids, batch.mask, model.config.vocab_size) if config.uses_penalties else None
             generator = make_generator(config, device)
-            step_fn = decode_step_fn(config.compile)
+            step_fn = decode_step_fn(model, config.compile)
             slot = torch.zeros(1, dtype=torch.long, device=device)  # refilled in place: no host-to-device copy
 
             start = time.perf_counter()
@@ -238,9 +251,6 @@ class GenerationRun:
                 if not sequence.finished:
                     yield StreamEvent(row, None, sequence.force_finish("length"), True)
             self.stats.decode_s = time.perf_counter() - start
-        finally:
-            model.clear_cache()
-            model.train(was_training)
 
     def _record(self, tokens: list[int], chosen: torch.Tensor | None, top_values: torch.Tensor | None,
                 top_ids: torch.Tensor | None) -> Iterator[StreamEvent]:

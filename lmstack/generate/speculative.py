@@ -20,9 +20,10 @@ from collections.abc import Callable
 
 import torch
 
+from lmstack.generate.compiled import compiled_for
 from lmstack.generate.config import GenerationConfig
-from lmstack.generate.generate import (GenerationOutput, GenerationStats, _autocast, build_output, compiled,
-                                       decode_step_fn, prefill, prepare, resolve_eos_ids)
+from lmstack.generate.generate import (GenerationOutput, GenerationStats, _autocast, build_output, cache_length,
+                                       decode_step_fn, kv_cache_session, prefill, prepare, resolve_eos_ids)
 from lmstack.generate.prompts import PromptInput, TokenizerLike
 from lmstack.generate.stopping import SequenceState
 from lmstack.model.transformer import Transformer
@@ -35,8 +36,8 @@ def score_tokens(model: Transformer, tokens: torch.Tensor, slots: torch.Tensor, 
         return model(tokens, attention_mask=cache_mask, position_ids=positions, cache_slots=slots).float()
 
 
-def _score_fn(compile: bool) -> Callable[..., torch.Tensor]:
-    return compiled(score_tokens) if compile else score_tokens
+def _score_fn(model: Transformer, compile: bool) -> Callable[..., torch.Tensor]:
+    return compiled_for(model, score_tokens) if compile else score_tokens
 
 
 def check_draft(target: Transformer, draft: Transformer, config: GenerationConfig) -> None:
@@ -60,23 +61,19 @@ def speculative_generate(target: Transformer, draft: Transformer, tokenizer: Tok
     if P >= context:
         raise ValueError(f"the prompt ({P} tokens) does not fit the draft model's context ({context})")
     max_new = min(max_new, context - P)
-    S = min(P + max_new + k + 1, context)  # room for the last round's k+1 verified slots
+    S = cache_length(P, max_new + k + 1, context, config.compile)  # room for the last round's k+1 slots
     eos_ids = resolve_eos_ids(target, tokenizer, config)
     sequences = [SequenceState(tokenizer, p, eos_ids, config.stop, max_new) for p in batch.prompts]
     stats = GenerationStats(prompt_tokens=int(batch.lengths.sum()), batch_size=B)
     cache_mask = torch.ones(B, S, dtype=torch.long, device=device)
     cache_mask[:, :P] = batch.mask
-    draft_step = decode_step_fn(config.compile)
-    verify = _score_fn(config.compile)
+    draft_step = decode_step_fn(draft, config.compile)
+    verify = _score_fn(target, config.compile)
     proposed = accepted = 0
     slot = torch.zeros(1, dtype=torch.long, device=device)  # refilled in place: no host-to-device copy
     window = torch.arange(k + 1, device=device)
 
-    states = [(m, m.training) for m in (target, draft)]
-    for model, _ in states:
-        model.eval()
-        model.setup_cache(B, S)
-    try:
+    with kv_cache_session(target, B, S, config.compile), kv_cache_session(draft, B, S, config.compile):
         start = time.perf_counter()
         last = prefill(target, batch.ids, cache_mask).argmax(-1)  # (B,) the first new token
         prefill(draft, batch.ids, cache_mask)
@@ -118,10 +115,6 @@ def speculative_generate(target: Transformer, draft: Transformer, tokenizer: Tok
         for s in sequences:
             s.force_finish("length")
         stats.decode_s = time.perf_counter() - start
-    finally:
-        for model, was_training in states:
-            model.clear_cache()
-            model.train(was_training)
     stats.new_tokens = sum(len(s.ids) for s in sequences)
     stats.acceptance_rate = accepted / proposed if proposed else None
     return build_output(sequences, tokenizer, config, stats)
