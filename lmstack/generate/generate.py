@@ -133,11 +133,13 @@ def kv_cache_session(model: Transformer, batch_size: int, cache_len: int, compil
 
 
 def cache_length(padded_prompt_len: int, max_new_tokens: int, context: int, compile: bool) -> int:
-    """Slots to allocate. With compile, round up to a multiple of 64 so that runs of similar lengths share
-    one compiled graph (the extra slots are masked by causality and cost a little attention)."""
+    """Slots to allocate. With compile, round up to a power of two (at least 64) so that a whole chat, whose
+    prompt grows every turn, needs a handful of compiled graphs rather than one per length (a frozen CPU
+    graph takes 20-40 s to compile). The extra slots are masked by causality: a decode step's attention
+    over them is a few small products, next to reading every weight once."""
     needed = min(padded_prompt_len + max_new_tokens, context)
     if compile:
-        needed = min(-(-needed // 64) * 64, context)
+        needed = min(max(64, 1 << (needed - 1).bit_length()), context)
     return needed
 
 

@@ -12,6 +12,7 @@ import lmstack
 from lmstack.config import ModelConfig
 from lmstack.generate import generate
 from lmstack.generate.compiled import release, weights_fingerprint
+from lmstack.generate.generate import cache_length
 
 PROMPTS = [[5, 17, 200, 3, 9, 44, 71], [8], [120, 6, 6, 250]]
 
@@ -89,3 +90,13 @@ def test_compiled_beam_search_and_speculative_match_eager():
     greedy = generate(model, None, PROMPTS, max_new_tokens=10)
     speculative = generate(model, None, PROMPTS, max_new_tokens=10, draft_model=draft, compile=True)
     assert speculative.token_ids == greedy.token_ids
+
+
+def test_compiled_cache_lengths_are_few_powers_of_two():
+    assert cache_length(7, 8, 96, compile=False) == 15  # eager: exactly what is needed
+    assert cache_length(7, 8, 96, compile=True) == 64
+    assert cache_length(32, 64, 1024, compile=True) == 128
+    assert cache_length(600, 10, 1024, compile=True) == 1024
+    assert cache_length(90, 10, 96, compile=True) == 96  # never beyond the context
+    # a chat whose prompt grows turn by turn up to a 2048 context touches at most 6 lengths
+    assert len({cache_length(p, 256, 2048, compile=True) for p in range(1, 1793)}) <= 6
