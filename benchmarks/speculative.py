@@ -1,8 +1,8 @@
 """Speculative decoding: acceptance rate and speed-up over plain greedy decoding of the same target, fp32.
 
-Random models make meaningless drafts, so both models are first trained (600 steps each by default) (byte-level, on
-tinyshakespeare from ../shared/data, or on the interpreter's own documentation when that is absent):
-target = 6 layers x 256 wide (~3.5M params), draft = 1 layer x 128 wide (~0.2M params), same 256-byte
+Random models make meaningless drafts, so both models are first trained, 600 steps each by default
+(byte-level, on tinyshakespeare from ../shared/data, or on the interpreter's own documentation when that
+is absent): target = 6 layers x 256 wide (4.4M params), draft = 1 layer x 128 wide (0.23M params), same 256-byte
 vocabulary. Then greedy generation of 128 new tokens from held-out prompts, batch 1, with and without the
 draft; the outputs are checked identical. Peer: the target's own greedy decoding in the same run.
 
