@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_killed_run_resumes_from_its_finished_shards(tmp_path: Path, capfd) -> None:
     rng = random.Random(5)
-    docs = [make_doc(rng, 6) for _ in range(1500)]
+    docs = [make_doc(rng, 6) for _ in range(4000)]  # many shards: a loaded machine cannot finish them all before the kill
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(docs), encoding="utf-8")
     tok_dir = tmp_path / "tok"
