@@ -42,8 +42,7 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _reorder_cache(model: Transformer, rows: torch.Tensor) -> None:
     """Cache row i takes the keys/values of row rows[i] (B*K,), in every layer."""
-    for block in model.model.layers:
-        cache = block.self_attn.kv_cache
+    for cache in model.kv_caches():
         cache.k.copy_(cache.k.index_select(0, rows))
         cache.v.copy_(cache.v.index_select(0, rows))
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmstack.model.kv_cache import KVCache
 from lmstack.model.transformer import Transformer
 
 # Inductor settings for a frozen CPU graph: weights as constants, packed for the C++ GEMM template.
@@ -45,7 +46,7 @@ StepFn = Callable[..., torch.Tensor]
 
 # Both keyed by model, so their entries go when the model does.
 _frozen: weakref.WeakKeyDictionary[nn.Module, dict[StepFn, tuple[tuple, StepFn]]] = weakref.WeakKeyDictionary()
-_kept_caches: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[nn.Module]]] = weakref.WeakKeyDictionary()
+_kept_caches: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[KVCache]]] = weakref.WeakKeyDictionary()
 
 
 def compiled_for(model: nn.Module, fn: StepFn) -> StepFn:
@@ -61,17 +62,13 @@ def compiled_for(model: nn.Module, fn: StepFn) -> StepFn:
     return entry[1]
 
 
-def kept_cache(model: Transformer, batch_size: int, cache_len: int) -> list[nn.Module]:
+def kept_cache(model: Transformer, batch_size: int, cache_len: int) -> list[KVCache]:
     """The per-layer KV caches compiled runs of this shape use, allocated on first use and kept after."""
     weight = model.lm_head.weight
     caches = _kept_caches.setdefault(model, {})
     key = (batch_size, cache_len, weight.dtype, weight.device)
     if key not in caches:
-        previous = [block.self_attn.kv_cache for block in model.model.layers]
-        model.setup_cache(batch_size, cache_len)
-        caches[key] = [block.self_attn.kv_cache for block in model.model.layers]
-        for block, cache in zip(model.model.layers, previous):
-            block.self_attn.kv_cache = cache
+        caches[key] = model.make_cache(batch_size, cache_len)
     return caches[key]
 
 

@@ -116,19 +116,14 @@ def kv_cache_session(model: Transformer, batch_size: int, cache_len: int, compil
     """Eval mode and a static KV cache of `cache_len` slots for one generation; afterwards the model's
     mode and cache are what they were. Compiled runs take their cache from `kept_cache`: a frozen graph
     is specialised to the cache tensors it was compiled with."""
-    was_training = model.training
-    previous = [block.self_attn.kv_cache for block in model.model.layers]
+    was_training, previous = model.training, model.kv_caches()
     model.eval()
-    if compile:
-        for block, cache in zip(model.model.layers, kept_cache(model, batch_size, cache_len)):
-            block.self_attn.kv_cache = cache
-    else:
-        model.setup_cache(batch_size, cache_len)
+    caches = kept_cache(model, batch_size, cache_len) if compile else model.make_cache(batch_size, cache_len)
+    model.use_caches(caches)
     try:
         yield
     finally:
-        for block, cache in zip(model.model.layers, previous):
-            block.self_attn.kv_cache = cache
+        model.use_caches(previous)
         model.train(was_training)
 
 

@@ -92,19 +92,31 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.config, device) if self.config.position_kind == "rope" else torch.empty(0)
 
     # ---------------------------------------------------------------- KV cache
-    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> None:
-        """Allocate a static KV cache of `max_len` slots for `batch_size` rows in every layer."""
+    def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> list[KVCache]:
+        """A static KV cache per layer, `max_len` slots for `batch_size` rows; `use_caches` installs it."""
         if max_len > self.config.max_seq_len and self.config.position_kind == "learned":
             raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
         weight = self.model.embed_tokens.weight
-        for block in self.model.layers:
-            block.self_attn.kv_cache = KVCache(batch_size, self.config.num_kv_heads, max_len, self.config.head_dim,
-                                               dtype or weight.dtype, device or weight.device)
+        return [KVCache(batch_size, self.config.num_kv_heads, max_len, self.config.head_dim,
+                        dtype or weight.dtype, device or weight.device) for _ in self.model.layers]
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> None:
+        """Allocate and install a static KV cache of `max_len` slots for `batch_size` rows in every layer."""
+        self.use_caches(self.make_cache(batch_size, max_len, dtype, device))
+
+    def kv_caches(self) -> list[KVCache | None]:
+        """The installed per-layer caches (None where there is none)."""
+        return [block.self_attn.kv_cache for block in self.model.layers]
+
+    def use_caches(self, caches: list[KVCache | None]) -> None:
+        """Install per-layer caches (from `make_cache` or an earlier `kv_caches()`)."""
+        for block, cache in zip(self.model.layers, caches, strict=True):
+            block.self_attn.kv_cache = cache
 
     def clear_cache(self) -> None:
-        for block in self.model.layers:
-            block.self_attn.kv_cache = None
+        self.use_caches([None] * len(self.model.layers))
 
     @property
     def cache_len(self) -> int | None:

@@ -100,3 +100,15 @@ def test_compiled_cache_lengths_are_few_powers_of_two():
     assert cache_length(90, 10, 96, compile=True) == 96  # never beyond the context
     # a chat whose prompt grows turn by turn up to a 2048 context touches at most 6 lengths
     assert len({cache_length(p, 256, 2048, compile=True) for p in range(1, 1793)}) <= 6
+
+
+@pytest.mark.slow
+def test_compiled_gpt2_style_model_matches_eager():
+    """Biases, LayerNorm, GELU and learned positions through the frozen C++ GEMM path."""
+    torch.manual_seed(5)
+    config = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+                         mlp_kind="gelu_tanh", norm_kind="layernorm", norm_bias=True, position_kind="learned",
+                         qkv_bias=True, out_bias=True, mlp_bias=True, max_seq_len=96, init_std=0.2)
+    model = lmstack.Transformer(config).eval()
+    options = dict(max_new_tokens=12, logprobs=True)
+    assert_same(generate(model, None, PROMPTS, compile=True, **options), generate(model, None, PROMPTS, **options))
