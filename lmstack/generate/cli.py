@@ -167,11 +167,14 @@ def generate_main(argv: list[str]) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
+    from torch._dynamo.utils import counters as dynamo_counters  # tells --stats when a batch paid for compiling
+
     results = []
     for start in range(0, len(texts), args.batch_size):
+        graphs = dynamo_counters["stats"]["unique_graphs"]
         out = generate(model, tokenizer, texts[start:start + args.batch_size], config=config, draft_model=draft)
         if args.stats:
-            _print_stats(out)
+            _print_stats(out, compiled_now=dynamo_counters["stats"]["unique_graphs"] > graphs)
         results += [_record(records[start + i][1], out, i) for i in range(len(out.token_ids))]
     if not as_jsonl:
         print("\n".join(r["text"] for r in results))
@@ -188,12 +191,14 @@ def _write_jsonl(f: TextIO, records: list[dict[str, Any]]) -> None:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _print_stats(out: GenerationOutput) -> None:
+def _print_stats(out: GenerationOutput, compiled_now: bool = False) -> None:
     s = out.stats
     line = (f"prefill {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.1f} ms; decode {s.new_tokens} tokens in "
             f"{s.decode_s * 1e3:.1f} ms ({s.decode_tokens_per_s:.1f} tok/s)")
     if s.acceptance_rate is not None:
         line += f"; draft acceptance {s.acceptance_rate:.1%}"
+    if compiled_now:  # a new batch size or cache length: --compile compiled a graph during this batch
+        line += " (includes compiling the decode step)"
     print(line, file=sys.stderr)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from lmstack.cli import main
 from lmstack.generate import generate
 
@@ -79,3 +81,17 @@ def test_chat_keeps_history_and_handles_commands(tiny_model_dir, tiny, monkeypat
     third = reply([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])
     expected = f"{first}\n[system message set]\n{second}\n[conversation cleared]\n{third}\n[unknown command /bogus"
     assert out.startswith(expected)
+
+
+@pytest.mark.slow
+def test_generate_compile_matches_eager_and_stats_say_when_it_compiled(tiny_model_dir, tiny, capsys):
+    model, tokenizer = tiny
+    prompts = ["def main", "import os", "x = 1", "class A"]
+    argv = ["generate", "--model", str(tiny_model_dir), "--jsonl", "--stats", "--batch-size", "2",
+            "--max-new-tokens", "8", "--compile"] + [arg for p in prompts for arg in ("--prompt", p)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["token_ids"] for r in records] == generate(model, tokenizer, prompts, max_new_tokens=8).token_ids
+    first, second = captured.err.strip().splitlines()  # one stats line per batch of 2
+    assert "includes compiling" in first and "includes compiling" not in second
