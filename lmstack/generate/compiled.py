@@ -94,9 +94,9 @@ def _frozen_compile(fn: StepFn) -> StepFn:
     """A torch.compile of a private copy of `fn`, run with freezing on. Freezing needs grad off when inductor
     compiles, and inductor reads its settings at compile time, which is any call that misses the cache
     (a new batch size or cache length), so every call runs under both."""
-    own_code = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
-                                  fn.__closure__)
-    step = torch.compile(own_code, fullgraph=True, dynamic=False)
+    private_copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                      fn.__closure__)
+    step = torch.compile(private_copy, fullgraph=True, dynamic=False)
 
     @functools.wraps(fn)
     def run(*args: Any) -> torch.Tensor:
