@@ -49,8 +49,11 @@ def test_killed_run_resumes_from_its_finished_shards(tmp_path: Path, capfd) -> N
     all_bins = [p for p in shard_dir.glob("shard-*.bin") if not p.name.endswith(".docs.bin")]
     num_chunks = len(list((work_dir_for(out) / "spool" / "train").glob("chunk-*.idx")))
     assert 1 <= len(finished) < num_chunks, (len(finished), num_chunks)
-    # any shard file under a final name is complete: it has its .json (a killed write is a hidden .tmp)
-    assert {p.name[:-4] for p in all_bins} == {p.name[:-5] for p in finished}
+    # a shard is written bin, docs.bin, then json: only the one worker's shard in flight at the kill may
+    # have its .bin under a final name without its .json; resuming must throw that one away and redo it
+    finished_stems = {p.name[:-5] for p in finished}
+    bin_stems = {p.name[:-4] for p in all_bins}
+    assert finished_stems <= bin_stems and len(bin_stems - finished_stems) <= 1, (bin_stems, finished_stems)
     inodes = {p.name[:-5]: (shard_dir / (p.name[:-5] + ".bin")).stat().st_ino for p in finished}
 
     cfg = from_dict(PrepareConfig, {"inputs": [str(corpus)], "text_unit": "paragraph", "tokenizer": str(tok_dir),
@@ -70,3 +73,15 @@ def test_killed_run_resumes_from_its_finished_shards(tmp_path: Path, capfd) -> N
         np.testing.assert_array_equal(g, w)
     val_index, val_docs = read_split(out / "val")
     assert val_index["num_tokens"] == 0 and val_docs == []
+
+
+def test_remove_unfinished_drops_a_shard_killed_before_its_json(tmp_path: Path) -> None:
+    from lmstack.data.pack import remove_unfinished
+    for stem in ("shard-00000", "shard-00001"):
+        (tmp_path / f"{stem}.bin").write_bytes(b"\0" * 8)
+        (tmp_path / f"{stem}.docs.bin").write_bytes(b"\0" * 8)
+    (tmp_path / "shard-00000.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "shard-00002.bin").write_bytes(b"\0" * 4)  # killed before its docs.bin
+    (tmp_path / ".shard-00002.docs.bin.tmp-123").write_bytes(b"\0")
+    assert remove_unfinished(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.bin", "shard-00000.docs.bin", "shard-00000.json"]
