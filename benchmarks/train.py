@@ -86,8 +86,11 @@ def lmstack_step(compile_model: bool, checkpointing: bool) -> Callable[[], float
     from lmstack.config import ModelConfig
     from lmstack.model import Transformer
     from lmstack.train.config import OptimConfig
+    from lmstack.train.device import keep_freed_cpu_memory
     from lmstack.train.objectives import causal_lm_loss
     from lmstack.train.optim import build_optimizer
+
+    keep_freed_cpu_memory()  # as the engine does on the CPU
 
     config = ModelConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_layers=LAYERS, num_heads=HEADS,
                          num_kv_heads=KV_HEADS, intermediate_size=FFN, tie_word_embeddings=True, max_seq_len=SEQ)

@@ -8,6 +8,7 @@ from torch import nn
 
 from lmstack.config import ModelConfig
 from lmstack.model.kv_cache import KVCache
+from lmstack.model.linear import Linear
 from lmstack.model.rope import apply_rope
 
 
@@ -16,10 +17,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=config.out_bias)
+        self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=config.out_bias)
         self.dropout = config.dropout
         self.kv_cache: KVCache | None = None
 

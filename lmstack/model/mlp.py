@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.config import ModelConfig
+from lmstack.model.linear import Linear
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -21,9 +22,9 @@ class MLP(nn.Module):
         self.kind = config.mlp_kind
         d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         if self.kind == "swiglu":
-            self.gate_proj = nn.Linear(d, f, bias=bias)
-        self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+            self.gate_proj = Linear(d, f, bias=bias)
+        self.up_proj = Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, d) -> (B, T, d)."""

@@ -13,12 +13,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmstack.config import ModelConfig
 from lmstack.model.attention import Attention
+from lmstack.model.head_loss import linear_cross_entropy
 from lmstack.model.kv_cache import KVCache
+from lmstack.model.linear import Linear
 from lmstack.model.mlp import MLP
 from lmstack.model.norm import build_norm
 from lmstack.model.rope import rope_cos_sin, rope_inv_freq, sinusoidal_embedding
@@ -55,7 +58,7 @@ class Transformer(nn.Module):
             "layers": nn.ModuleList(Block(config) for _ in range(config.num_layers)),
             "norm": build_norm(config),
         })
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.embed_dropout = nn.Dropout(config.dropout)
@@ -125,9 +128,23 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). See `hidden_states` for the arguments."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache_slots))
+                position_ids: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). See `hidden_states` for the arguments.
+
+        With `targets` (B, T) it returns instead the cross-entropy summed over the targets that are
+        not `ignore_index` (an fp32 scalar), computed through the head in chunks so that the (B, T, V)
+        logits never exist at once (lmstack.model.head_loss). Inside forward, so that torch.compile,
+        DDP and FSDP see the head's weight used where they expect it.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_slots)
+        if targets is None:
+            return self.lm_head(hidden)
+        if isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index)
+        logits = self.lm_head(hidden)  # a swapped head (adapter, quantized): its own forward
+        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
+                               reduction="sum")
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:

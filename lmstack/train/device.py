@@ -48,6 +48,33 @@ def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next step instead of handing it back to the OS.
+
+    Why: by default a CPU tensor over glibc's mmap threshold (at most 32 MiB) is a fresh mmap each
+    time it is allocated, and a large free block at the top of the heap is trimmed back to the OS; every
+    training step then page-faults its big activations in again, 4 KiB at a time (tens of thousands of
+    faults a step for a 27M model, ~3% of its step time). Blocks up to 256 MiB now come from the heap,
+    and up to 1 GiB of free heap is kept: the CPU counterpart of CUDA's caching allocator. Resident
+    memory then stays at its high-water mark, which a training run reaches every step anyway.
+    Returns False where there is no glibc (macOS, musl), which keeps the default behaviour.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 256 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """bf16 autocast on `device`, or a no-op for fp32."""
     if dtype is None:

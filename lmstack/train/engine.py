@@ -38,7 +38,8 @@ from tqdm import tqdm
 from lmstack import __version__
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
-from lmstack.train.device import autocast, peak_flops, resolve_device, resolve_precision
+from lmstack.train.device import (autocast, keep_freed_cpu_memory, peak_flops, resolve_device,
+                                  resolve_precision)
 from lmstack.train.distributed import (
     DistContext,
     all_reduce_mean,
@@ -111,6 +112,8 @@ class Engine:
         self.extra_files, self.run_config = extra_files or {}, run_config or {}
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()
         self.start_step, self.best_val_loss, self.nonfinite_streak = 0, math.inf, 0
 
         checkpoint = ckpt.load_checkpoint(resume_from) if resume_from is not None else None

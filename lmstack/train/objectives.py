@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.model import Transformer
+
 IGNORE_INDEX = -100
 
 
@@ -45,9 +47,20 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Ten
     """The pretraining objective: `model(input_ids)` (B, T) -> logits (B, T, V), scored against targets (B, T).
 
     `targets` are the inputs shifted left by one (the loader does the shift), so position t predicts
-    token t+1; set a target to `ignore_index` to leave it out (padding, prompt tokens).
+    token t+1; set a target to `ignore_index` to leave it out (padding, prompt tokens). An lmstack
+    Transformer scores its own head's output in chunks (`model(input_ids, targets=...)`), so the
+    (B, T, V) logits are never held at once; any other model returns logits.
     """
-    return cross_entropy(model(input_ids), targets, ignore_index=ignore_index, reduction=reduction)
+    if not isinstance(getattr(model, "module", model), Transformer):  # DDP keeps the model as .module
+        return cross_entropy(model(input_ids), targets, ignore_index=ignore_index, reduction=reduction)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if input_ids.shape != targets.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and targets {tuple(targets.shape)} disagree on (B, T)")
+    total = model(input_ids, targets=targets, ignore_index=ignore_index)  # the head fused with the loss
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "cross_entropy"]

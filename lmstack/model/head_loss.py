@@ -1,0 +1,96 @@
+"""The LM head fused with cross-entropy: the summed next-token loss without the (N, V) logits tensor.
+
+Why: at 2048 tokens and an 8192-word vocabulary the logits, their log-softmax and their gradient
+are 64 MiB each. Tensors that size are above glibc's mmap threshold, so each one is a fresh mmap
+that page-faults in, 4 KiB at a time, every step (~65k faults a step for the 27M benchmark model),
+and each full pass over them streams through memory. Here the tokens go through the head in chunks
+of ~16 MiB of logits: each chunk's log-sum-exp, loss and gradient (softmax minus one-hot) are
+computed while it sits in cache, and the chunk's contribution to the input and weight gradients is
+multiplied out at once (the "fused linear cross-entropy" of Liger-Kernel, on the CPU). The backward
+pass then only scales the two stored gradients by the incoming scalar.
+
+Same arithmetic as F.linear + F.cross_entropy (fp32, log-sum-exp with the max subtracted); the
+parity test checks loss and gradients against that and against transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmstack.model.linear import nt_matmul
+
+CHUNK_BYTES = 16 * 2**20  # logits per chunk: in cache, and below glibc's 32 MiB mmap threshold
+
+
+@torch.library.custom_op("lmstack::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                          with_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, d), weight (V, d), targets (N,) -> (loss summed over kept targets, d loss/d hidden (N, d),
+    d loss/d weight (V, d)); the two gradients are empty when `with_grads` is False."""
+    N, V = hidden.shape[0], weight.shape[0]
+    kept = targets[targets != ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= V):
+        raise IndexError(f"target ids must lie in [0, {V}) or equal ignore_index {ignore_index}; "
+                         f"got {int(kept.min())}..{int(kept.max())}")
+    rows = max(1, CHUNK_BYTES // (4 * V))
+    loss = torch.zeros((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if with_grads else hidden.new_empty(0)
+    grad_weight = torch.zeros_like(weight) if with_grads else weight.new_empty(0)
+    for start in range(0, N, rows):
+        h, t = hidden[start:start + rows], targets[start:start + rows]  # (n, d), (n,)
+        logits = nt_matmul(h, weight).float()  # (n, V)
+        keep = t != ignore_index  # (n,)
+        safe_t = torch.where(keep, t, 0)[:, None]  # (n, 1)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+        loss += ((lse - logits.gather(1, safe_t)).squeeze(1) * keep).sum()
+        if with_grads:
+            probs = logits.sub_(lse).exp_()  # softmax, in place of the logits
+            probs.scatter_add_(1, safe_t, torch.full_like(lse, -1.0))  # minus the one-hot target
+            probs.mul_(keep[:, None])  # ignored positions contribute nothing
+            probs = probs.to(hidden.dtype)
+            grad_hidden[start:start + rows] = nt_matmul(probs, weight.t())  # (n, V) @ (V, d)
+            grad_weight.addmm_(probs.t(), h)  # (V, n) @ (n, d)
+    return loss, grad_hidden, grad_weight
+
+
+@_linear_cross_entropy.register_fake
+def _(hidden, weight, targets, ignore_index, with_grads):
+    if with_grads:
+        return hidden.new_empty(()).float(), torch.empty_like(hidden), torch.empty_like(weight)
+    return hidden.new_empty(()).float(), hidden.new_empty(0), weight.new_empty(0)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index):
+        with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, grad_hidden, grad_weight = _linear_cross_entropy(hidden, weight, targets, ignore_index, with_grads)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss if ctx.needs_input_grad[0] else None,
+                grad_weight * grad_loss if ctx.needs_input_grad[1] else None, None, None)
+
+
+def use_fused(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The fused path: fp32 on the CPU without autocast (where it is tested and measured); elsewhere the
+    head and the loss run as F.linear + F.cross_entropy."""
+    return (hidden.device.type == "cpu" and hidden.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets`, summed over the kept targets (fp32 scalar).
+
+    hidden (..., d), weight (V, d), targets (...) int64. A target outside [0, V) other than
+    `ignore_index` is an error, as in F.cross_entropy.
+    """
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if not use_fused(hidden, weight):
+        return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
+    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index)
