@@ -7,7 +7,8 @@ forward + loss + backward + optimizer step + zero_grad.
 
 - lmstack: `Transformer` + `lmstack.train.objectives.causal_lm_loss` + `lmstack.train.optim.build_optimizer`
   (the functions the engine calls), compiled with `model.compile()` exactly as `train.compile: true`
-  does in the engine (pass --no-compile for eager). Compile time is reported, not counted in tokens/s.
+  does in the engine (pass --no-compile for eager), with the engine's CPU malloc setting
+  (`keep_freed_cpu_memory`). Compile time is reported, not counted in tokens/s.
 - peer: `LlamaForCausalLM(..., attn_implementation="sdpa")` with its own loss (`labels=`) and
   `torch.optim.AdamW` in its default CPU implementation, as a transformers user would run it.
 
@@ -210,7 +211,7 @@ def gemm_seconds(size: int = 2048) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (the best one counts)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per side (the best one counts)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side (the first one compiles)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="run lmstack eagerly")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",

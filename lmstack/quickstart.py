@@ -127,9 +127,11 @@ def validation_loss(model: torch.nn.Module, val_batches) -> float:
 def plan_steps(plan: QuickstartPlan, out: Path) -> tuple[int, float]:
     """Time a few real training steps on a throwaway copy of the model -> steps that fit `plan.minutes`."""
     from lmstack.train.config import OptimConfig
+    from lmstack.train.device import keep_freed_cpu_memory
     from lmstack.train.objectives import causal_lm_loss
     from lmstack.train.optim import build_optimizer
 
+    keep_freed_cpu_memory()  # as the engine will: the timed steps run as the real ones do
     model, batches, _ = _model_and_batches(plan, out)
     optimizer = build_optimizer(model, OptimConfig(lr=plan.lr))
     model.train()

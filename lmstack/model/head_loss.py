@@ -4,13 +4,14 @@ Why: at 2048 tokens and an 8192-word vocabulary the logits, their log-softmax an
 are 64 MiB each. Tensors that size are above glibc's mmap threshold, so each one is a fresh mmap
 that page-faults in, 4 KiB at a time, every step (~65k faults a step for the 27M benchmark model),
 and each full pass over them streams through memory. Here the tokens go through the head in chunks
-of ~16 MiB of logits: each chunk's log-sum-exp, loss and gradient (softmax minus one-hot) are
+of ~16 MiB of logits (at least 256 tokens): each chunk's log-sum-exp, loss and gradient (softmax minus one-hot) are
 computed while it sits in cache, and the chunk's contribution to the input and weight gradients is
 multiplied out at once (the "fused linear cross-entropy" of Liger-Kernel, on the CPU). The backward
 pass then only scales the two stored gradients by the incoming scalar.
 
 Same arithmetic as F.linear + F.cross_entropy (fp32, log-sum-exp with the max subtracted); the
-parity test checks loss and gradients against that and against transformers.
+tests check loss and gradients against that and against transformers. CPU fp32 only, where it is
+measured; on CUDA or under autocast the head and the loss run unfused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from lmstack.model.linear import nt_matmul
 
 CHUNK_BYTES = 16 * 2**20  # logits per chunk: in cache, and below glibc's 32 MiB mmap threshold
+MIN_CHUNK_ROWS = 256  # but no fewer tokens than this: a GEMM with fewer rows loses speed (GPT-2's 50k vocab)
 
 
 @torch.library.custom_op("lmstack::linear_cross_entropy", mutates_args=())
@@ -33,24 +35,31 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= V):
         raise IndexError(f"target ids must lie in [0, {V}) or equal ignore_index {ignore_index}; "
                          f"got {int(kept.min())}..{int(kept.max())}")
-    rows = max(1, CHUNK_BYTES // (4 * V))
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * V))
     loss = torch.zeros((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if with_grads else hidden.new_empty(0)
-    grad_weight = torch.zeros_like(weight) if with_grads else weight.new_empty(0)
+    grad_weight = torch.empty_like(weight) if with_grads else weight.new_empty(0)
+    if with_grads and N == 0:
+        grad_weight.zero_()  # no chunk will write it
     for start in range(0, N, rows):
         h, t = hidden[start:start + rows], targets[start:start + rows]  # (n, d), (n,)
         logits = nt_matmul(h, weight).float()  # (n, V)
-        keep = t != ignore_index  # (n,)
-        safe_t = torch.where(keep, t, 0)[:, None]  # (n, 1)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-        loss += ((lse - logits.gather(1, safe_t)).squeeze(1) * keep).sum()
+        keep = (t != ignore_index)[:, None]  # (n, 1)
+        safe_t = torch.where(keep[:, 0], t, 0)[:, None]  # (n, 1)
+        target_logit = logits.gather(1, safe_t)  # (n, 1)
+        row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+        exp = logits.sub_(row_max).exp_()  # in place of the logits: the chunk is the only big buffer
+        row_sum = exp.sum(dim=-1, keepdim=True)  # (n, 1)
+        loss += ((row_max + row_sum.log() - target_logit) * keep).sum()  # log-sum-exp minus the target's logit
         if with_grads:
-            probs = logits.sub_(lse).exp_()  # softmax, in place of the logits
-            probs.scatter_add_(1, safe_t, torch.full_like(lse, -1.0))  # minus the one-hot target
-            probs.mul_(keep[:, None])  # ignored positions contribute nothing
-            probs = probs.to(hidden.dtype)
-            grad_hidden[start:start + rows] = nt_matmul(probs, weight.t())  # (n, V) @ (V, d)
-            grad_weight.addmm_(probs.t(), h)  # (V, n) @ (n, d)
+            grad_logits = exp.mul_(keep / row_sum)  # softmax; zero on ignored positions
+            grad_logits.scatter_add_(1, safe_t, -keep.to(grad_logits.dtype))  # minus the one-hot target
+            grad_logits = grad_logits.to(hidden.dtype)
+            grad_hidden[start:start + rows] = nt_matmul(grad_logits, weight.t())  # (n, V) @ (V, d)
+            if start == 0:
+                torch.mm(grad_logits.t(), h, out=grad_weight)  # (V, n) @ (n, d)
+            else:
+                grad_weight.addmm_(grad_logits.t(), h)
     return loss, grad_hidden, grad_weight
 
 

@@ -24,6 +24,7 @@ def _reference(hidden, weight, targets, ignore_index=-100):
 def test_loss_and_gradients_match_the_unfused_head(chunk_rows, monkeypatch):
     V, d = 53, 24
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * V * chunk_rows)
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_ROWS", 1)
     torch.manual_seed(0)
     hidden = torch.randn(3, 11, d, requires_grad=True)
     weight = torch.randn(V, d, requires_grad=True)
@@ -65,6 +66,7 @@ def test_target_out_of_range_is_named():
 def test_transformer_loss_path_matches_its_logits(monkeypatch):
     """causal_lm_loss on a Transformer (fused) equals cross_entropy on its logits, mean and sum."""
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * 97 * 16)  # several chunks
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_ROWS", 1)
     config = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                          intermediate_size=64, max_seq_len=32, tie_word_embeddings=True)
     torch.manual_seed(2)
