@@ -3,7 +3,8 @@ that keeps a training step's big CPU buffers mapped."""
 
 from __future__ import annotations
 
-import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,17 +88,35 @@ def test_transformer_loss_path_matches_its_logits(monkeypatch):
         model.zero_grad(set_to_none=True)
 
 
-def test_keep_freed_cpu_memory_stops_refaulting_big_buffers():
-    from lmstack.train.device import keep_freed_cpu_memory
+_MALLOC_SCRIPT = """
+import ctypes, sys, torch
+from lmstack.train.device import keep_freed_cpu_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2") or (sys.argv[1] == "keep" and not keep_freed_cpu_memory()):
+    print(-1, -1); sys.exit()
+libc.mallinfo2.restype = MallInfo2
+mmapped_before = libc.mallinfo2().hblkhd
+buffer = torch.ones(16 * 2**20)  # 64 MiB: over glibc's largest default mmap threshold (32 MiB)
+mmapped = libc.mallinfo2().hblkhd - mmapped_before
+heap_in_use = libc.mallinfo2().arena
+del buffer
+print(mmapped, heap_in_use - libc.mallinfo2().arena)
+"""
 
-    if not keep_freed_cpu_memory():
-        pytest.skip("no glibc mallopt here")
 
-    def faults_for_a_64mib_buffer() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        buffer = torch.ones(16 * 2**20)  # 64 MiB, written: every page touched
-        del buffer
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+def test_keep_freed_cpu_memory_serves_big_buffers_from_a_kept_heap():
+    """glibc's own counters, in a fresh process each: by default a 64 MiB tensor is a dedicated mmap (so
+    each step's page faults it in again); with the setting it comes from the heap, which keeps it once freed."""
+    def malloc_effect(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT, mode], capture_output=True, text=True, check=True)
+        mmapped, heap_returned = map(int, out.stdout.split()[-2:])
+        return mmapped, heap_returned
 
-    faults_for_a_64mib_buffer()  # the first one maps the heap in
-    assert faults_for_a_64mib_buffer() < 1000  # ~16k 4 KiB pages if it were a fresh mmap each time
+    kept = malloc_effect("keep")
+    if kept == (-1, -1):
+        pytest.skip("no glibc mallopt / mallinfo2 here")
+    assert malloc_effect("default")[0] >= 64 * 2**20
+    assert kept == (0, 0)  # nothing mmapped; nothing handed back to the OS on free
