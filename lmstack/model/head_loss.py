@@ -27,9 +27,10 @@ MIN_CHUNK_ROWS = 256  # but no fewer tokens than this: a GEMM with fewer rows lo
 
 @torch.library.custom_op("lmstack::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                          with_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          grad_hidden_wanted: bool, grad_weight_wanted: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, d), weight (V, d), targets (N,) -> (loss summed over kept targets, d loss/d hidden (N, d),
-    d loss/d weight (V, d)); the two gradients are empty when `with_grads` is False."""
+    d loss/d weight (V, d)); a gradient that is not wanted comes back empty (a frozen head computes none)."""
     N, V = hidden.shape[0], weight.shape[0]
     kept = targets[targets != ignore_index]
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= V):
@@ -37,9 +38,9 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                          f"got {int(kept.min())}..{int(kept.max())}")
     rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * V))
     loss = torch.zeros((), dtype=torch.float32)
-    grad_hidden = torch.empty_like(hidden) if with_grads else hidden.new_empty(0)
-    grad_weight = torch.empty_like(weight) if with_grads else weight.new_empty(0)
-    if with_grads and N == 0:
+    grad_hidden = torch.empty_like(hidden) if grad_hidden_wanted else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if grad_weight_wanted else weight.new_empty(0)
+    if grad_weight_wanted and N == 0:
         grad_weight.zero_()  # no chunk will write it
     for start in range(0, N, rows):
         h, t = hidden[start:start + rows], targets[start:start + rows]  # (n, d), (n,)
@@ -51,30 +52,30 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         exp = logits.sub_(row_max).exp_()  # in place of the logits: the chunk is the only big buffer
         row_sum = exp.sum(dim=-1, keepdim=True)  # (n, 1)
         loss += ((row_max + row_sum.log() - target_logit) * keep).sum()  # log-sum-exp minus the target's logit
-        if with_grads:
+        if grad_hidden_wanted or grad_weight_wanted:
             grad_logits = exp.mul_(keep / row_sum)  # softmax; zero on ignored positions
             grad_logits.scatter_add_(1, safe_t, -keep.to(grad_logits.dtype))  # minus the one-hot target
             grad_logits = grad_logits.to(hidden.dtype)
-            grad_hidden[start:start + rows] = nt_matmul(grad_logits, weight.t())  # (n, V) @ (V, d)
-            if start == 0:
+            if grad_hidden_wanted:
+                grad_hidden[start:start + rows] = nt_matmul(grad_logits, weight.t())  # (n, V) @ (V, d)
+            if grad_weight_wanted and start == 0:
                 torch.mm(grad_logits.t(), h, out=grad_weight)  # (V, n) @ (n, d)
-            else:
+            elif grad_weight_wanted:
                 grad_weight.addmm_(grad_logits.t(), h)
     return loss, grad_hidden, grad_weight
 
 
 @_linear_cross_entropy.register_fake
-def _(hidden, weight, targets, ignore_index, with_grads):
-    if with_grads:
-        return hidden.new_empty(()).float(), torch.empty_like(hidden), torch.empty_like(weight)
-    return hidden.new_empty(()).float(), hidden.new_empty(0), weight.new_empty(0)
+def _(hidden, weight, targets, ignore_index, grad_hidden_wanted, grad_weight_wanted):
+    return (hidden.new_empty(()).float(), torch.empty_like(hidden) if grad_hidden_wanted else hidden.new_empty(0),
+            torch.empty_like(weight) if grad_weight_wanted else weight.new_empty(0))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index):
-        with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, grad_hidden, grad_weight = _linear_cross_entropy(hidden, weight, targets, ignore_index, with_grads)
+        loss, grad_hidden, grad_weight = _linear_cross_entropy(hidden, weight, targets, ignore_index,
+                                                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 

@@ -49,7 +49,9 @@ def test_frozen_weight_no_grad_and_all_ignored():
     hidden = torch.randn(5, 8, requires_grad=True)
     weight = torch.randn(13, 8)  # frozen (an adapter's base head)
     targets = torch.randint(0, 13, (5,))
-    head_loss.linear_cross_entropy(hidden, weight, targets).backward()
+    loss = head_loss.linear_cross_entropy(hidden, weight, targets)
+    assert [t.numel() for t in loss.grad_fn.saved_tensors] == [5 * 8, 0]  # no weight gradient computed or kept
+    loss.backward()
     reference_hidden = hidden.detach().clone().requires_grad_()
     _reference(reference_hidden, weight, targets).backward()
     torch.testing.assert_close(hidden.grad, reference_hidden.grad)
@@ -57,6 +59,11 @@ def test_frozen_weight_no_grad_and_all_ignored():
         torch.testing.assert_close(head_loss.linear_cross_entropy(hidden, weight, targets),
                                    _reference(hidden, weight, targets))
     assert head_loss.linear_cross_entropy(hidden, weight, torch.full((5,), -100)).item() == 0.0
+    trained = weight.clone().requires_grad_()
+    head_loss.linear_cross_entropy(hidden.detach(), trained, targets).backward()  # only the head trains
+    reference_weight = weight.clone().requires_grad_()
+    _reference(hidden.detach(), reference_weight, targets).backward()
+    torch.testing.assert_close(trained.grad, reference_weight.grad)
 
 
 def test_target_out_of_range_is_named():
