@@ -24,8 +24,7 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 @torch.library.custom_op("lmstack::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T -> (..., N) in oneDNN; weight may be a strided view (e.g. W.t())."""
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, None, "none", [], "")
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return nt_matmul(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
 
 
 @onednn_linear.register_fake

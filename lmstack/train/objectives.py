@@ -28,18 +28,26 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     remaining positions (NaN-free 0 when there are none). The loss is computed in fp32 even when
     the logits are bf16, because log-softmax over a large vocabulary loses too much precision in bf16.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_reduction(reduction)
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree on (B, T)")
     V = logits.shape[-1]
     flat_logits = logits.reshape(-1, V).float()  # (B*T, V)
     flat_targets = targets.reshape(-1)  # (B*T,)
     total = F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index, reduction="sum")
+    return _reduced(total, targets, ignore_index, reduction)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _reduced(total: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """A summed loss as asked: itself, or divided by the kept targets (NaN-free 0 when there are none)."""
     if reduction == "sum":
         return total
-    count = (flat_targets != ignore_index).sum()
-    return total / count.clamp(min=1)
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
@@ -53,14 +61,11 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Ten
     """
     if not isinstance(getattr(model, "module", model), Transformer):  # DDP keeps the model as .module
         return cross_entropy(model(input_ids), targets, ignore_index=ignore_index, reduction=reduction)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_reduction(reduction)
     if input_ids.shape != targets.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and targets {tuple(targets.shape)} disagree on (B, T)")
     total = model(input_ids, targets=targets, ignore_index=ignore_index)  # the head fused with the loss
-    if reduction == "sum":
-        return total
-    return total / (targets != ignore_index).sum().clamp(min=1)
+    return _reduced(total, targets, ignore_index, reduction)
 
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "cross_entropy"]
