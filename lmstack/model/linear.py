@@ -55,20 +55,22 @@ onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 _MIN_MACS = 2**25
 
 
+def _onednn_can_run(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN is here and both operands are fp32 CPU tensors."""
+    return _ONEDNN and x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+
+
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this product takes the oneDNN path: a large enough fp32 product on the CPU while autograd
     records, and no CPU autocast (which applies to F.linear, not to a custom op)."""
-    if not (_ONEDNN and torch.is_grad_enabled() and x.device.type == "cpu" and weight.device.type == "cpu"):
-        return False
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        return False
-    return x.numel() * weight.shape[0] >= _MIN_MACS
+    return (_onednn_can_run(x, weight) and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and x.numel() * weight.shape[0] >= _MIN_MACS)
 
 
 def nt_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (n, K) @ weight (N, K)^T -> (n, N), in oneDNN for fp32 on the CPU (weight may be a strided view);
     no autograd. For code that computes its own gradients, such as the fused head + loss."""
-    if _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+    if _onednn_can_run(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
