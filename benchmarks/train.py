@@ -18,7 +18,7 @@ compilation) over its resident set before the model was built: weights, gradient
 activations at their high-water mark. The workers take steps in turn (A B C A B C ...) so that drift in
 this shared machine's speed hits every side alike; each side's figure is its best step. Between
 rounds the parent measures the fp32 GEMM peak (a 2048^3 matmul, best of all repeats), and each side's
-fraction of it uses lmstack.info.model_cost's training FLOPs per token (6N + attention at T=256).
+fraction of it uses lmstack.model.cost.model_cost's training FLOPs per token (6N + attention at T=256).
 
 Prints one JSON line.
 """
@@ -223,7 +223,7 @@ def main() -> None:
         return
 
     from lmstack.config import ModelConfig
-    from lmstack.info import model_cost
+    from lmstack.model.cost import model_cost
 
     config = ModelConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_layers=LAYERS, num_heads=HEADS,
                          num_kv_heads=KV_HEADS, intermediate_size=FFN, tie_word_embeddings=True, max_seq_len=SEQ)

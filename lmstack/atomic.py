@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from lmstack.errors import OutputError
+
 
 def ensure_parent_writable(path: Path) -> None:
     """Create `path`'s parent directory if needed; a clear OSError naming it when that or writing there fails."""
@@ -20,9 +22,9 @@ def ensure_parent_writable(path: Path) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"{parent}: cannot create output directory ({e.strerror})") from None
+        raise OutputError(f"{parent}: cannot create output directory ({e.strerror})") from None
     if not os.access(parent, os.W_OK):
-        raise PermissionError(f"{parent}: output directory is not writable")
+        raise OutputError(f"{parent}: output directory is not writable")
 
 
 @contextlib.contextmanager

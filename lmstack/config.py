@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmstack.schema import ConfigError, from_dict, to_dict
+from lmstack.errors import ConfigError
+from lmstack.schema import from_dict, to_dict
 
 MlpKind = Literal["swiglu", "gelu", "gelu_tanh", "relu"]
 NormKind = Literal["rmsnorm", "layernorm"]

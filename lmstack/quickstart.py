@@ -17,7 +17,6 @@ command again resumes instead of starting over.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,8 +29,8 @@ from pathlib import Path
 import torch
 
 from lmstack.atomic import write_text
-from lmstack.config import PRESETS
-from lmstack.schema import ConfigError, from_dict, to_dict
+from lmstack.errors import ConfigError
+from lmstack.schema import from_dict, to_dict
 
 # The default model: ~4.5M parameters, a few thousand tokens/s on two CPU cores in fp32.
 QUICKSTART_MODEL = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688,
@@ -59,7 +58,7 @@ class QuickstartPlan:
     lr: float = 2e-3
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(f"lmstack quickstart: {message}", file=sys.stderr, flush=True)
 
 
@@ -68,7 +67,7 @@ def prepare_data(plan: QuickstartPlan, data_dir: Path) -> dict:
     """Stage 1+2: the data pipeline with a BPE tokenizer trained on the cleaned text (skipped if done)."""
     report_path = data_dir / "data_report.json"
     if report_path.exists():
-        _say(f"data: already prepared in {data_dir}")
+        say(f"data: already prepared in {data_dir}")
         return json.loads(report_path.read_text(encoding="utf-8"))
     from lmstack.data.pipeline import PrepareConfig, prepare
 
@@ -80,7 +79,7 @@ def prepare_data(plan: QuickstartPlan, data_dir: Path) -> dict:
                         # the last 5% of the token stream validates: a split by document would leave a
                         # user's corpus of a few files with no validation text at all
                         split="tail")
-    _say(f"data: cleaning, deduplicating and tokenising {', '.join(plan.corpus)}")
+    say(f"data: cleaning, deduplicating and tokenising {', '.join(plan.corpus)}")
     return prepare(cfg)
 
 
@@ -157,9 +156,9 @@ def train(plan: QuickstartPlan, out: Path):
     if checkpoint is not None:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         if state["step"] >= plan.steps:
-            _say(f"train: already finished ({plan.steps} steps) in {out / 'run'}")
+            say(f"train: already finished ({plan.steps} steps) in {out / 'run'}")
             return None
-        _say(f"train: resuming from {checkpoint} (step {state['step']} of {plan.steps})")
+        say(f"train: resuming from {checkpoint} (step {state['step']} of {plan.steps})")
     return run(pretrain_config(plan, out), resume=checkpoint is not None)
 
 
@@ -260,13 +259,13 @@ def run_quickstart(plan: QuickstartPlan, out: Path) -> Path:
     plan_path = out / "quickstart.json"
     if plan_path.exists():  # a rerun: continue the run that was started, whatever the flags say now
         plan = from_dict(QuickstartPlan, json.loads(plan_path.read_text(encoding="utf-8")))
-        _say(f"resuming the run in {out} (delete it to start over)")
+        say(f"resuming the run in {out} (delete it to start over)")
     t0 = time.perf_counter()
     data_report = prepare_data(plan, out / "data")
     data_s = time.perf_counter() - t0
     if plan.steps == 0:
         plan.steps, step_s = plan_steps(plan, out)
-        _say(f"train: one step of {plan.batch_size}x{plan.seq_len} tokens takes {step_s:.2f} s here: "
+        say(f"train: one step of {plan.batch_size}x{plan.seq_len} tokens takes {step_s:.2f} s here: "
              f"{plan.steps} steps fit {plan.minutes:g} minutes")
     if not plan_path.exists():
         write_text(plan_path, json.dumps(to_dict(plan), indent=2))
@@ -289,44 +288,3 @@ def run_quickstart(plan: QuickstartPlan, out: Path) -> Path:
     samples = sample(out)
     facts["sample_s"] = time.perf_counter() - t2
     return write_report(out, plan, facts, data_report, samples)
-
-
-def main(argv: list[str]) -> int:
-    """From nothing to a chatting model: prepare the built-in corpus, train a tokenizer and a model, sample, report."""
-    parser = argparse.ArgumentParser(prog="lmstack quickstart", description=main.__doc__)
-    parser.add_argument("--out", default="runs/quickstart", help="output (a Hugging Face model directory) [%(default)s]")
-    parser.add_argument("--minutes", type=float, default=6.0, help="training time budget in minutes [%(default)s]")
-    parser.add_argument("--preset", default=None,
-                        help=f"model preset instead of the ~4.5M default ({', '.join(sorted(PRESETS))})")
-    parser.add_argument("--corpus", nargs="+", default=["builtin:python-docs"],
-                        help="builtin:python-docs, or your own text files / directories / JSONL [%(default)s]")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size [%(default)s]")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training window [%(default)s]")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per step [%(default)s]")
-    parser.add_argument("--steps", type=int, default=0, help="fixed step count instead of the time budget")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.minutes <= 0:
-        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
-    model = dict(QUICKSTART_MODEL)
-    if args.preset is not None:
-        if args.preset not in PRESETS:
-            raise ConfigError(f"--preset: unknown preset {args.preset!r} (known: {', '.join(sorted(PRESETS))})")
-        # vocabulary and special ids come from the tokenizer trained on the data
-        model = {k: v for k, v in PRESETS[args.preset].items()
-                 if k not in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
-    model["max_seq_len"] = max(model.get("max_seq_len", 0), args.seq_len)
-    plan = QuickstartPlan(corpus=args.corpus, vocab_size=args.vocab_size, model=model, seq_len=args.seq_len,
-                          batch_size=args.batch_size, steps=args.steps, minutes=args.minutes, seed=args.seed)
-    out = Path(args.out)
-    started = time.perf_counter()
-    try:
-        report = run_quickstart(plan, out)
-    except KeyboardInterrupt:
-        _say(f"interrupted: finished stages and the last checkpoint are kept in {out}; "
-             "run the same command again to resume")
-        return 130
-    _say(f"done in {time.perf_counter() - started:.0f} s. Report: {report}\n"
-         f"  chat with it:  lmstack chat --model {out}\n"
-         f"  load it:       transformers.AutoModelForCausalLM.from_pretrained('{out}')")
-    return 0

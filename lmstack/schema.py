@@ -17,11 +17,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lmstack.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the key (and the file, when there is one)."""
 
 
 def _type_name(tp: Any) -> str:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lmstack.chat_template import CHATML, LLAMA3, ChatTemplateError, render_with_assistant_spans
 from lmstack.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+from lmstack.tokenizer.chat_template import CHATML, LLAMA3, ChatTemplateError, render_with_assistant_spans
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmstack.data.ingest import Document, IngestStats
+from lmstack.errors import ConfigError
 
 # Test suites and demo trees repeat boilerplate docstrings and are not documentation.
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "Tools", "turtledemo"}
@@ -122,5 +123,5 @@ def read_builtin(name: str, stats: IngestStats) -> Iterator[Document]:
     key = name.removeprefix("builtin:")
     if key not in BUILTIN_CORPORA:
         known = ", ".join(f"builtin:{n}" for n in corpus_names())
-        raise ValueError(f"unknown corpus {name!r} (known: {known})")
+        raise ConfigError(f"unknown corpus {name!r} (known: {known})")
     return BUILTIN_CORPORA[key](stats)

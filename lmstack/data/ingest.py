@@ -6,8 +6,8 @@ line, one Parquet record batch) in memory, so a corpus larger than RAM streams t
 Bad input never stops the run silently and never crashes deep inside a parser:
 - invalid UTF-8 bytes are replaced with U+FFFD and counted (`IngestStats.invalid_utf8_bytes`);
 - a malformed JSONL line or a record without the text field is skipped, counted and reported with
-  its `file:line`, or raises `IngestError` naming `file:line` when `strict=True`;
-- a Parquet file without the column raises `IngestError` naming the file and its columns.
+  its `file:line`, or raises `DataError` naming `file:line` when `strict=True`;
+- a Parquet file without the column raises `DataError` naming the file and its columns.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from lmstack.errors import DataError
+
 Format = Literal["auto", "text", "jsonl", "parquet"]
 TextUnit = Literal["file", "paragraph", "line"]
 
@@ -34,10 +36,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 _SURROGATES = re.compile("[\udc80-\udcff]+")  # invalid bytes, as decoded by 'surrogateescape'
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 MAX_WARNINGS = 20  # per kind: enough to locate a problem without flooding the terminal
-
-
-class IngestError(ValueError):
-    """An input cannot be read as asked; the message names the file (and line)."""
 
 
 @dataclass
@@ -95,21 +93,21 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if any(ch in text for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
             if not matches:
-                raise IngestError(f"{text}: the pattern matches no files")
+                raise DataError(f"{text}: the pattern matches no files")
             files.extend(matches)
             continue
         path = Path(text)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and _content_suffix(p) in KNOWN_SUFFIXES)
             if not found:
-                raise IngestError(f"{path}: directory holds no .txt/.md/.jsonl/.parquet files (or their .gz)")
+                raise DataError(f"{path}: directory holds no .txt/.md/.jsonl/.parquet files (or their .gz)")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         elif path.exists():
-            raise IngestError(f"{path}: not a regular file or directory")
+            raise DataError(f"{path}: not a regular file or directory")
         else:
-            raise IngestError(f"{path}: no such file or directory")
+            raise DataError(f"{path}: no such file or directory")
     return files
 
 
@@ -138,7 +136,7 @@ def open_maybe_gzip(path: Path) -> BinaryIO:
     try:
         f = open(path, "rb")
     except OSError as e:
-        raise IngestError(f"{path}: cannot read ({e.strerror})") from None
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     if f.read(2) == GZIP_MAGIC:
         f.close()
         return gzip.open(path, "rb")  # type: ignore[return-value]
@@ -223,10 +221,10 @@ def read_parquet(path: Path, column: str, stats: IngestStats, batch_rows: int = 
         try:
             pf = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises ArrowInvalid and friends with a useful message
-            raise IngestError(f"{path}: not a readable Parquet file ({e})") from None
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
         names = pf.schema_arrow.names
         if column not in names:
-            raise IngestError(f"{path}: no column {column!r} (columns: {', '.join(names)})")
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(names)})")
         row = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
             for value in batch.column(0).to_pylist():
@@ -238,7 +236,7 @@ def read_parquet(path: Path, column: str, stats: IngestStats, batch_rows: int = 
                 if isinstance(value, bytes):
                     value = decode_utf8(value, stats)
                 if not isinstance(value, str):
-                    raise IngestError(f"{path}: column {column!r} holds {type(value).__name__}, not strings")
+                    raise DataError(f"{path}: column {column!r} holds {type(value).__name__}, not strings")
                 stats.bytes_read += len(value.encode("utf-8"))
                 yield Document(value, f"{path}:row {row}")
 
@@ -265,7 +263,7 @@ def read_documents(paths: Iterable[Path], stats: IngestStats, *, fmt: Format = "
 
 def _skip(stats: IngestStats, counter: str, message: str, strict: bool) -> None:
     if strict:
-        raise IngestError(message + " (--strict)")
+        raise DataError(message + " (--strict)")
     setattr(stats, counter, getattr(stats, counter) + 1)
     stats.warn(message + "; skipped")
 
@@ -274,11 +272,11 @@ def _read_checked(f: BinaryIO, path: Path) -> bytes:
     try:
         return f.read()
     except (OSError, EOFError) as e:  # a truncated or corrupt .gz surfaces here
-        raise IngestError(f"{path}: read failed ({e})") from None
+        raise DataError(f"{path}: read failed ({e})") from None
 
 
 def _lines_checked(f: BinaryIO, path: Path) -> Iterator[bytes]:
     try:
         yield from f
     except (OSError, EOFError) as e:
-        raise IngestError(f"{path}: read failed ({e})") from None
+        raise DataError(f"{path}: read failed ({e})") from None

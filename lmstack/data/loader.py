@@ -20,14 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmstack.errors import DataError
 from lmstack.schema import read_json
 
 FORMAT = "lmstack-tokens-v1"
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-
-
-class DataError(ValueError):
-    """The token shards are missing or inconsistent; the message names the file."""
 
 
 @dataclass

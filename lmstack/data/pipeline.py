@@ -41,14 +41,11 @@ from lmstack.data.clean import QualityConfig, QualityFilter, normalize
 from lmstack.data.dedup import DedupConfig, MinHasher, NearDuplicateIndex, exact_key, shingle_hashes
 from lmstack.data.ingest import IngestStats, expand_inputs, read_documents
 from lmstack.data.report import build_report, write_report
+from lmstack.errors import DataError
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 
 WORK_SUFFIX = ".lmstack-partial"
 BATCH_CHARS = 1 << 18  # characters per worker task in stage 1: amortises IPC, yet many tasks per MB
-
-
-class PrepareError(ValueError):
-    """The pipeline cannot produce an output (empty input, nothing survived, bad option); one line."""
 
 
 @dataclass
@@ -75,17 +72,17 @@ class PrepareConfig:
 
     def validate(self) -> None:
         if bool(self.inputs) == bool(self.corpus):
-            raise PrepareError("give either --input PATHS or --corpus builtin:NAME (exactly one)")
+            raise DataError("give either --input PATHS or --corpus builtin:NAME (exactly one)")
         if bool(self.tokenizer) == bool(self.train_tokenizer):
-            raise PrepareError("give either --tokenizer DIR or --train-tokenizer KIND:VOCAB (exactly one)")
+            raise DataError("give either --tokenizer DIR or --train-tokenizer KIND:VOCAB (exactly one)")
         if not self.output:
-            raise PrepareError("--output is required")
+            raise DataError("--output is required")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise PrepareError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+            raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_chars <= 0 or self.workers < 0:
-            raise PrepareError("shard_chars must be > 0 and workers >= 0")
+            raise DataError("shard_chars must be > 0 and workers >= 0")
         if not 0.0 < self.dedup.threshold <= 1.0:
-            raise PrepareError(f"dedup.threshold must be in (0, 1], got {self.dedup.threshold}")
+            raise DataError(f"dedup.threshold must be in (0, 1], got {self.dedup.threshold}")
         if self.train_tokenizer:
             parse_tokenizer_spec(self.train_tokenizer)
 
@@ -95,12 +92,12 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
     kind, _, size = spec.partition(":")
     if not size or size == "0":
         if kind != "char":
-            raise PrepareError(f"--train-tokenizer {spec!r}: give a vocabulary size, e.g. {kind}:8192")
+            raise DataError(f"--train-tokenizer {spec!r}: give a vocabulary size, e.g. {kind}:8192")
         return kind, None
     try:
         return kind, int(size)
     except ValueError:
-        raise PrepareError(f"--train-tokenizer {spec!r}: vocabulary size {size!r} is not an integer") from None
+        raise DataError(f"--train-tokenizer {spec!r}: vocabulary size {size!r} is not an integer") from None
 
 
 # ---------------------------------------------------------------------- worker side of stage 1
@@ -266,9 +263,9 @@ def run_stage1(cfg: PrepareConfig, work: Path) -> Stage1Stats:
         writer.flush()
     if ingest.documents == 0:
         source = cfg.corpus or " ".join(cfg.inputs)
-        raise PrepareError(f"empty input: no documents in {source} ({_ingest_summary(ingest)})")
+        raise DataError(f"empty input: no documents in {source} ({_ingest_summary(ingest)})")
     if not locations:
-        raise PrepareError(f"no documents left after cleaning and dedup: {ingest.documents} read, "
+        raise DataError(f"no documents left after cleaning and dedup: {ingest.documents} read, "
                            f"dropped by filters {dict(filtered)}, exact duplicates {exact_dups}, "
                            f"near duplicates {near_dups}; relax the filters (--quality.RULE=null) or use --no-clean")
     return Stage1Stats(
@@ -312,7 +309,7 @@ def run_tokenize(cfg: PrepareConfig, work: Path, stage1: Stage1Stats,
     """Tokenise every spool chunk that has no finished shard yet; returns each spool's shard metas in order."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise PrepareError(f"{cfg.tokenizer or 'the trained tokenizer'}: has no eos token "
+        raise DataError(f"{cfg.tokenizer or 'the trained tokenizer'}: has no eos token "
                            "(set eos_token in tokenizer_config.json); shards need one between documents")
     jobs: list[pack.ShardJob] = []
     metas: dict[str, list[dict | None]] = {}
@@ -382,7 +379,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     cfg.validate()
     output = Path(cfg.output)
     if output.exists() and not cfg.overwrite:
-        raise PrepareError(f"{output}: already exists (pass --overwrite to replace it)")
+        raise DataError(f"{output}: already exists (pass --overwrite to replace it)")
     ensure_parent_writable(output.resolve())
     parent = output.resolve().parent
     if cfg.tokenizer:
@@ -403,7 +400,7 @@ def _exclusive(lock_path: Path, output: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PrepareError(f"{output}: another `lmstack data prepare` is writing it") from None
+            raise DataError(f"{output}: another `lmstack data prepare` is writing it") from None
         try:
             yield
         finally:

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from lmstack.errors import GenerationError
 from lmstack.generate.config import GenerationConfig
 from lmstack.generate.generate import (Beam, GenerationOutput, GenerationStats, cache_length, decode_step_fn,
                                        kv_cache_session, prefill, prepare, resolve_eos_ids)
@@ -51,9 +52,9 @@ def beam_search(model: Transformer, tokenizer: TokenizerLike | None, prompts: Pr
                 config: GenerationConfig) -> GenerationOutput:
     """Beam search for every prompt; `beams` holds the num_return_sequences best per prompt, best first."""
     if config.stop:
-        raise ValueError("stop strings are not supported with beam search; use eos_token_ids")
+        raise GenerationError("stop strings are not supported with beam search; use eos_token_ids")
     if config.logprobs or config.top_logprobs:
-        raise ValueError("logprobs are not supported with beam search; each beam's score is returned instead")
+        raise GenerationError("logprobs are not supported with beam search; each beam's score is returned instead")
     batch, max_new = prepare(model, tokenizer, prompts, config)
     B, P = batch.ids.shape
     K, device = config.num_beams, batch.ids.device

@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmstack.schema import ConfigError, from_dict
+from lmstack.errors import ConfigError
+from lmstack.schema import from_dict
 
 
 @dataclass

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from lmstack.device import autocast, resolve_precision
+from lmstack.errors import GenerationError
 from lmstack.generate.compiled import compiled_for, kept_cache
 from lmstack.generate.config import GenerationConfig, resolve_config
 from lmstack.generate.prompts import PromptBatch, PromptInput, TokenizerLike, encode_prompts, fit_to_context, left_pad
@@ -76,10 +78,8 @@ class GenerationOutput:
 
 
 def _autocast(device: torch.device) -> Any:
-    """CUDA: bf16 autocast (fp32 master weights). CPU: plain fp32 (bf16 matmuls are far slower on CPUs
-    without AMX/AVX-512 BF16), so autocast is disabled there."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        device.type, enabled=False)
+    """The one precision policy (lmstack.device): bf16 autocast on CUDA, plain fp32 on the CPU."""
+    return autocast(device, resolve_precision("auto", device))
 
 
 def prefill(model: Transformer, ids: torch.Tensor, cache_mask: torch.Tensor) -> torch.Tensor:
@@ -168,7 +168,7 @@ def prepare(model: Transformer, tokenizer: TokenizerLike | None, prompts: Prompt
             config: GenerationConfig) -> tuple[PromptBatch, int]:
     """Encode, check and left-pad the prompts; return the batch and the number of new tokens that fit."""
     if config.stop and tokenizer is None:
-        raise ValueError("stop strings are matched on decoded text: pass a tokenizer (or use eos_token_ids)")
+        raise GenerationError("stop strings are matched on decoded text: pass a tokenizer (or use eos_token_ids)")
     context = model.config.max_seq_len
     ids = fit_to_context(encode_prompts(prompts, tokenizer), model.config.vocab_size, context,
                          config.max_new_tokens, config.truncate_prompt)
@@ -202,7 +202,7 @@ class GenerationRun:
     def __init__(self, model: Transformer, tokenizer: TokenizerLike | None, prompts: PromptInput,
                  config: GenerationConfig):
         if config.num_beams > 1:
-            raise ValueError("GenerationRun does greedy/sampled decoding; beam search runs in lmstack.generate.beam")
+            raise GenerationError("GenerationRun does greedy/sampled decoding; beam search runs in lmstack.generate.beam")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.batch, self.max_new_tokens = prepare(model, tokenizer, prompts, config)
         eos_ids = resolve_eos_ids(model, tokenizer, config)
@@ -319,13 +319,13 @@ def stream(model: Transformer, tokenizer: TokenizerLike, prompt: str | list[int]
     A piece never splits a character and never shows part of a stop string. Same options as `generate`.
     """
     if tokenizer is None:
-        raise ValueError("streaming yields text: pass a tokenizer")
+        raise GenerationError("streaming yields text: pass a tokenizer")
     config = resolve_config(config, options)
     if config.num_beams > 1:
-        raise ValueError("beam search cannot stream: the best sequence is known only at the end")
+        raise GenerationError("beam search cannot stream: the best sequence is known only at the end")
     ids = encode_prompts(prompt, tokenizer)
     if len(ids) != 1:
-        raise ValueError(f"stream takes one prompt, got {len(ids)}; use GenerationRun.events() for a batch")
+        raise GenerationError(f"stream takes one prompt, got {len(ids)}; use GenerationRun.events() for a batch")
     run = GenerationRun(model, tokenizer, ids, config)
     for event in run.events():
         if event.text:

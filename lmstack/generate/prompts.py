@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lmstack.schema import ConfigError
+from lmstack.errors import ConfigError
 
 PromptInput = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 

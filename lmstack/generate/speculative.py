@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from lmstack.errors import GenerationError
 from lmstack.generate.compiled import compiled_for
 from lmstack.generate.config import GenerationConfig
 from lmstack.generate.generate import (GenerationOutput, GenerationStats, _autocast, build_output, cache_length,
@@ -42,12 +43,12 @@ def _score_fn(model: Transformer, compile: bool) -> Callable[..., torch.Tensor]:
 
 def check_draft(target: Transformer, draft: Transformer, config: GenerationConfig) -> None:
     if draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+        raise GenerationError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
                          f"({target.config.vocab_size}); speculative decoding needs the same tokenizer")
     if config.do_sample or config.uses_penalties:
-        raise ValueError("speculative decoding here is greedy: leave temperature at 0 and the penalties off")
+        raise GenerationError("speculative decoding here is greedy: leave temperature at 0 and the penalties off")
     if config.logprobs or config.top_logprobs:
-        raise ValueError("logprobs are not supported with speculative decoding")
+        raise GenerationError("logprobs are not supported with speculative decoding")
 
 
 def speculative_generate(target: Transformer, draft: Transformer, tokenizer: TokenizerLike | None,
@@ -59,7 +60,7 @@ def speculative_generate(target: Transformer, draft: Transformer, tokenizer: Tok
     k, device = config.num_draft_tokens, batch.ids.device
     context = min(target.config.max_seq_len, draft.config.max_seq_len)
     if P >= context:
-        raise ValueError(f"the prompt ({P} tokens) does not fit the draft model's context ({context})")
+        raise GenerationError(f"the prompt ({P} tokens) does not fit the draft model's context ({context})")
     max_new = min(max_new, context - P)
     S = cache_length(P, max_new + k + 1, context, config.compile)  # room for the last round's k+1 slots
     eos_ids = resolve_eos_ids(target, tokenizer, config)

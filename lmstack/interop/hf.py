@@ -18,19 +18,16 @@ from safetensors.torch import save_file
 
 from lmstack.atomic import atomic_dir
 from lmstack.config import PRESETS, ModelConfig, preset
+from lmstack.errors import CheckpointError, ConfigError
 from lmstack.interop.hf_config import config_from_hf, config_to_hf, hf_incompatibility
 from lmstack.model.transformer import Transformer
-from lmstack.schema import ConfigError, read_json
+from lmstack.schema import read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 # Tensors some checkpoints carry that hold no learned weights (old GPT-2 mask buffers, RoPE caches).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is unusable; the message names the file and, where it applies, the tensor."""
 
 
 # ------------------------------------------------------------------------------------------- names

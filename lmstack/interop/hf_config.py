@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from lmstack.config import ModelConfig, RopeScaling
-from lmstack.schema import ConfigError, from_dict, to_dict
+from lmstack.errors import ConfigError
+from lmstack.schema import from_dict, to_dict
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}

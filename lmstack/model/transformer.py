@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmstack.config import ModelConfig
+from lmstack.errors import ConfigError
 from lmstack.model.attention import Attention
 from lmstack.model.head_loss import linear_cross_entropy
 from lmstack.model.kv_cache import KVCache
@@ -99,7 +100,7 @@ class Transformer(nn.Module):
                    device: torch.device | str | None = None) -> list[KVCache]:
         """A static KV cache per layer, `max_len` slots for `batch_size` rows; `use_caches` installs it."""
         if max_len > self.config.max_seq_len and self.config.position_kind == "learned":
-            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
+            raise ConfigError(f"cache length {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
         weight = self.model.embed_tokens.weight
         return [KVCache(batch_size, self.config.num_kv_heads, max_len, self.config.head_dim,
                         dtype or weight.dtype, device or weight.device) for _ in self.model.layers]
@@ -159,7 +160,7 @@ class Transformer(nn.Module):
         if use_cache and self.cache_len is None:
             raise RuntimeError("cache_slots given but no KV cache is set up; call model.setup_cache(...) first")
         if not use_cache and T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len}")
+            raise ConfigError(f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len}")
         device = input_ids.device
         if position_ids is None:
             position_ids = self._default_positions(B, T, attention_mask, cache_slots, device)

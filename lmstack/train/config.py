@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmstack.schema import ConfigError
+from lmstack.errors import ConfigError
 
 
 @dataclass

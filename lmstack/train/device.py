@@ -1,52 +1,13 @@
-"""Device, precision policy and the FLOP/s peak used for MFU.
+"""Training on this machine: the CPU allocator setting and the FLOP/s peak used for MFU.
 
-Policy (DESIGN.md): fp32 on CPU; bf16 autocast with fp32 master weights on CUDA. A CPU without
-native bf16 instructions (AVX-512 BF16 or AMX) emulates bf16 matmuls ~100x slower than fp32, so
-asking for bf16 there is refused with the reason rather than silently slow.
+The device and precision policy itself is `lmstack.device` (shared with generation and serving).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from pathlib import Path
 
 import torch
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matmul instructions (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-        return " avx512_bf16" in flags or " amx_bf16" in flags
-    except OSError:  # not Linux: ask oneDNN
-        with contextlib.suppress(Exception):
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> this process's GPU when CUDA is available, else the CPU."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but torch.cuda.is_available() is False (CPU-only torch build "
-                         "or no visible GPU); use train.device=cpu")
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision` on `device`; None = plain fp32."""
-    if choice == "fp32" or (choice == "auto" and device.type == "cpu"):
-        return None
-    if device.type == "cpu" and not cpu_has_native_bf16():
-        raise ValueError("train.precision=bf16 refused: this CPU has no native bf16 instructions (no AVX-512 BF16 "
-                         "or AMX), so bf16 matmuls are emulated and run ~100x slower than fp32. "
-                         "Use train.precision=fp32 (the CPU default)")
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} does not support bf16")
-    return torch.bfloat16
-
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
@@ -73,13 +34,6 @@ def keep_freed_cpu_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 256 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16 autocast on `device`, or a no-op for fp32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets.

@@ -36,20 +36,13 @@ from torch import nn
 from tqdm import tqdm
 
 from lmstack import __version__
+from lmstack.device import autocast, resolve_device, resolve_precision
+from lmstack.errors import TrainingError
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
-from lmstack.train.device import (autocast, keep_freed_cpu_memory, peak_flops, resolve_device,
-                                  resolve_precision)
-from lmstack.train.distributed import (
-    DistContext,
-    all_reduce_mean,
-    as_local_tensor,
-    full_model_state,
-    full_optimizer_state,
-    gradient_sync,
-    load_full_optimizer_state,
-    wrap_model,
-)
+from lmstack.train.device import keep_freed_cpu_memory, peak_flops
+from lmstack.train.distributed import (DistContext, all_reduce_mean, as_local_tensor, full_model_state,
+                                       full_optimizer_state, gradient_sync, load_full_optimizer_state, wrap_model)
 from lmstack.train.metrics import MetricsLog, mfu
 from lmstack.train.optim import build_optimizer
 from lmstack.train.plot import plot_loss_curve
@@ -65,10 +58,6 @@ class BatchSource(Protocol):
     tokens_per_step: int  # tokens in one optimizer step across all ranks (for throughput)
 
     def micro_batches(self, step: int) -> Sequence[Batch]: ...
-
-
-class TrainingError(ValueError):
-    """Training cannot go on (e.g. the loss stayed non-finite); printed as one line by the CLI."""
 
 
 @dataclass
@@ -135,7 +124,7 @@ class Engine:
         if checkpoint is not None:
             load_full_optimizer_state(model, self.optimizer, checkpoint.optimizer_state)
         if flops_per_token is None and hasattr(model, "config"):
-            from lmstack.info import model_cost
+            from lmstack.model.cost import model_cost
             flops_per_token = model_cost(model.config, context=cfg.seq_len).training_flops_per_token
         self.flops_per_token = flops_per_token
         self.peak_flops = cfg.peak_flops or (peak_flops(self.device, self.autocast_dtype) if self.dist.is_main else None)

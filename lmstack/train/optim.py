@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmstack.errors import TrainingError
 from lmstack.train.config import OptimConfig
 
 _EMBEDDING_NAMES = ("embed_tokens", "embed_positions")
@@ -31,7 +32,7 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         else:
             decay.append(param)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+        raise TrainingError("the model has no trainable parameters (every parameter has requires_grad=False)")
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -9,11 +9,7 @@ OUT/checkpoints/step-N/ (Hugging Face model directories with optimizer and train
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,11 +18,12 @@ import yaml
 from lmstack.atomic import write_text
 from lmstack.config import PRESETS, ModelConfig
 from lmstack.data.loader import PretrainBatches, TokenStream, validation_batches
+from lmstack.device import resolve_device, resolve_precision
+from lmstack.errors import ConfigError
 from lmstack.model.transformer import Transformer
-from lmstack.schema import ConfigError, from_dict, load_config, to_dict
+from lmstack.schema import from_dict, to_dict
 from lmstack.train.checkpoint import latest_checkpoint, list_checkpoints
 from lmstack.train.config import PretrainConfig
-from lmstack.train.device import resolve_device, resolve_precision
 from lmstack.train.distributed import init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
 from lmstack.train.objectives import causal_lm_loss
@@ -103,23 +100,3 @@ def run(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
         return engine.fit()
     finally:
         shutdown_distributed()
-
-
-def main(argv: list[str]) -> int:
-    """Pretrain a causal LM on token shards: --config X.yaml [--section.key=value ...] [--resume]; torchrun for DDP/FSDP."""
-    parser = argparse.ArgumentParser(prog="lmstack pretrain", description=main.__doc__,
-                                     epilog="Any other --a.b=value sets a config field, e.g. --train.steps=100.")
-    parser.add_argument("--config", help="a YAML PretrainConfig (see configs/)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
-    args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        raise ConfigError(f"unexpected argument {bad[0]!r}; config overrides look like --train.steps=100")
-    cfg = load_config(PretrainConfig, args.config, rest)
-    started = time.perf_counter()
-    result = run(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"steps": result.steps, "train_loss": result.final_loss, "val_loss": result.val_loss,
-                          "best_val_loss": result.best_val_loss, "wall_s": round(time.perf_counter() - started, 1),
-                          "checkpoint": str(result.checkpoint) if result.checkpoint else None}))
-    return 0

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmstack.data.ingest import IngestError, IngestStats, decode_utf8, expand_inputs, read_documents
+from lmstack.data.ingest import IngestStats, decode_utf8, expand_inputs, read_documents
+from lmstack.errors import DataError
 
 
 def _read(paths, **kw) -> tuple[list[str], IngestStats]:
@@ -47,7 +48,7 @@ def test_jsonl_nested_field_malformed_and_missing(tmp_path: Path) -> None:
     assert (stats.malformed_lines, stats.missing_field, stats.non_string_field) == (1, 1, 1)
     assert any(w.startswith(f"{f}:2: malformed JSON") for w in stats.warnings)
     assert any(w.startswith(f"{f}:4: no field 'meta.body'") for w in stats.warnings)
-    with pytest.raises(IngestError, match=rf"{f}:2: malformed JSON.*--strict"):
+    with pytest.raises(DataError, match=rf"{f}:2: malformed JSON.*--strict"):
         _read([f], text_field="meta.body", strict=True)
 
 
@@ -56,7 +57,7 @@ def test_parquet_column_and_missing_column(tmp_path: Path) -> None:
     pq.write_table(pa.table({"content": ["a b c", None, "d e"], "id": [1, 2, 3]}), f, row_group_size=2)
     texts, stats = _read([f], text_field="content")
     assert texts == ["a b c", "d e"] and stats.missing_field == 1 and stats.records == 3
-    with pytest.raises(IngestError, match=r"no column 'text' \(columns: content, id\)"):
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: content, id\)"):
         _read([f])
 
 
@@ -75,7 +76,7 @@ def test_expand_inputs_directory_glob_and_errors(tmp_path: Path) -> None:
     assert [p.relative_to(tmp_path).as_posix() for p in expand_inputs([tmp_path])] == [
         "b.txt", "sub/a.md", "sub/deep/c.jsonl.gz"]
     assert [p.name for p in expand_inputs([str(tmp_path / "**" / "*.md")])] == ["a.md"]
-    with pytest.raises(IngestError, match="no such file or directory"):
+    with pytest.raises(DataError, match="no such file or directory"):
         expand_inputs([tmp_path / "missing.txt"])
-    with pytest.raises(IngestError, match="matches no files"):
+    with pytest.raises(DataError, match="matches no files"):
         expand_inputs([str(tmp_path / "*.parquet")])

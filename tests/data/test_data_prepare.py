@@ -14,8 +14,8 @@ import tokenizers
 
 from lmstack.cli import main as lmstack_main
 from lmstack.data.clean import normalize
-from lmstack.data.ingest import IngestError
-from lmstack.data.pipeline import PrepareConfig, PrepareError, prepare, work_dir_for
+from lmstack.data.pipeline import PrepareConfig, prepare, work_dir_for
+from lmstack.errors import DataError
 from lmstack.schema import from_dict
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
@@ -156,15 +156,15 @@ def test_bad_inputs_fail_with_one_message_and_leave_nothing(tmp_path: Path, caps
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n", encoding="utf-8")
     out = tmp_path / "out"
-    with pytest.raises(PrepareError, match="empty input"):
+    with pytest.raises(DataError, match="empty input"):
         prepare(config(inputs=[str(empty)], train_tokenizer="bpe:300", output=str(out)))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
-    with pytest.raises(IngestError, match=rf"{bad}:2: malformed JSON"):
+    with pytest.raises(DataError, match=rf"{bad}:2: malformed JSON"):
         prepare(config(inputs=[str(bad)], train_tokenizer="bpe:300", output=str(out), strict=True))
     short = tmp_path / "short.jsonl"
     short.write_text('{"text": "only a few words"}\n', encoding="utf-8")
-    with pytest.raises(PrepareError, match=r"no documents left.*min_words"):
+    with pytest.raises(DataError, match=r"no documents left.*min_words"):
         prepare(config(inputs=[str(short)], train_tokenizer="bpe:300", output=str(out)))
     assert not out.exists() and not work_dir_for(out).exists()
     # unwritable output (its parent is a file), existing output, options: one line through the CLI
@@ -190,7 +190,7 @@ def test_a_second_prepare_into_the_same_output_is_refused(tmp_path: Path) -> Non
     out = tmp_path / "out"
     with open(tmp_path / ".out.lmstack-lock", "w") as held:  # what a running prepare holds
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(PrepareError, match="another `lmstack data prepare` is writing it"):
+        with pytest.raises(DataError, match="another `lmstack data prepare` is writing it"):
             prepare(config(inputs=[str(tmp_path / "a.txt")], train_tokenizer="char", output=str(out)))
     prepare(config(inputs=[str(tmp_path / "a.txt")], train_tokenizer="char", output=str(out), workers=0))
     assert (out / "train" / "index.json").exists() and not (tmp_path / ".out.lmstack-lock").exists()

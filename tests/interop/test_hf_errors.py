@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lmstack
-from lmstack.interop.hf import CheckpointError
-from lmstack.schema import ConfigError
+from lmstack.errors import CheckpointError, ConfigError
 
 
 @pytest.fixture()

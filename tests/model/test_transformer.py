@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmstack import ModelConfig, Transformer, preset
-from lmstack.schema import ConfigError
+from lmstack.errors import ConfigError
 
 TINY = dict(vocab_size=97, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=80, max_seq_len=64)
 VARIANTS = {
@@ -139,7 +139,7 @@ def test_config_from_dict_rejects_unknown_keys_and_wrong_types():
 
 
 def test_presets_have_the_published_parameter_counts():
-    from lmstack.info import model_cost
+    from lmstack.model.cost import model_cost
 
     expected = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "llama-8b": 8_030_261_248,
                 "mistral-7b": 7_241_732_096, "qwen2-0.5b": 494_032_768, "smollm-135m": 134_515_008,

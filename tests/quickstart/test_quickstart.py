@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import lmstack
-from lmstack.quickstart import main
+from lmstack.cli.quickstart import main
 
 
 def _corpus(shared_data: Path, tmp_path: Path) -> Path:

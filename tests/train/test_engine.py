@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from lmstack import Transformer, preset
+from lmstack import device as device_mod
 from lmstack.data.loader import PretrainBatches, TokenStream, validation_batches
-from lmstack.train import device as device_mod
+from lmstack.errors import TrainingError
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
-from lmstack.train.engine import Engine, TrainingError, step_seed
+from lmstack.train.engine import Engine, step_seed
 from lmstack.train.metrics import read_metrics
 from lmstack.train.objectives import causal_lm_loss
 from lmstack.train.schedule import lr_at
@@ -143,8 +144,12 @@ def test_precision_policy(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)
     assert device_mod.resolve_precision("bf16", cpu) is torch.bfloat16
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="train.device is 'cuda'"):
+        with pytest.raises(ValueError, match="device 'cuda': torch.cuda.is_available"):
             device_mod.resolve_device("cuda")
+        with pytest.raises(ValueError, match="device 'cuda:1'"):
+            device_mod.resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        device_mod.resolve_device("tpu")
 
 
 @pytest.mark.slow

@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmstack.data.loader import (
-    DataError,
-    PretrainBatches,
-    TokenStream,
-    validation_batches,
-)
-from lmstack.schema import ConfigError, load_config
+from lmstack.data.loader import DataError, PretrainBatches, TokenStream, validation_batches
+from lmstack.errors import ConfigError
+from lmstack.schema import load_config
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import PretrainConfig
 from lmstack.train.pretrain import build_model_config

@@ -72,7 +72,7 @@ def test_kill_and_resume_is_bitwise_identical(tiny_data: Path, tmp_path: Path):
 
 def test_checkpoint_is_a_transformers_model_directory(tiny_data: Path, tmp_path: Path):
     transformers = pytest.importorskip("transformers")
-    from lmstack.train.pretrain import main
+    from lmstack.cli.pretrain import main
     out = tmp_path / "run"
     args = [f"--data.path={tiny_data}", f"--out_dir={out}", "--model.preset=llama-tiny", "--model.max_seq_len=32",
             "--train.steps=2", "--train.batch_size=4", "--train.seq_len=16", "--train.grad_accum=2",

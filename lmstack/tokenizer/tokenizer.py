@@ -1,87 +1,24 @@
-"""Tokenizers: train (byte-level BPE, WordPiece, Unigram, char), load any Hugging Face tokenizer directory, save one.
-
-`Tokenizer` wraps a `tokenizers.Tokenizer` (the Rust backend; tokenizer.json is the on-disk format) with
-what a model needs around it: the special tokens by role (bos / eos / pad / unk / cls / sep / mask, plus
-extra ones such as ChatML's <|im_start|>), and the chat template. A saved directory holds
-tokenizer.json, tokenizer_config.json (with `chat_template`) and special_tokens_map.json, which
+"""`Tokenizer`: a `tokenizers.Tokenizer` (the Rust backend; tokenizer.json is the on-disk format) with what a
+model needs around it: the special tokens by role (bos / eos / pad / unk / cls / sep / mask, plus extra ones
+such as ChatML's <|im_start|>), and the chat template. A saved directory holds tokenizer.json,
+tokenizer_config.json (with `chat_template`) and special_tokens_map.json, which
 `transformers.AutoTokenizer.from_pretrained` loads and encodes identically.
-
-`StreamDecoder` turns a stream of token ids into text without ever emitting half a character: byte-level
-BPE pieces can end in the middle of a multi-byte UTF-8 sequence, which decodes to U+FFFD until the next
-piece completes it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import tokenizers
 
-from lmstack import chat_template as templates
 from lmstack.atomic import atomic_dir, write_text
-
-Kind = Literal["bpe", "wordpiece", "unigram", "char"]
-KINDS: tuple[str, ...] = ("bpe", "wordpiece", "unigram", "char")
-ROLES: tuple[str, ...] = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")
-CHATML_MARKERS: tuple[str, ...] = templates.TEMPLATE_SPECIAL_TOKENS["chatml"]
-
-
-class TokenizerError(ValueError):
-    """A tokenizer directory or file is missing or malformed, or a training option is impossible."""
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """Special tokens by role, plus extra ones (chat markers, tool tags); None means the role is unused."""
-
-    bos: str | None = None
-    eos: str | None = None
-    pad: str | None = None
-    unk: str | None = None
-    cls: str | None = None
-    sep: str | None = None
-    mask: str | None = None
-    extra: tuple[str, ...] = ()
-
-    def roles(self) -> dict[str, str]:
-        """{"bos": "<|bos|>", ...} for the roles that are set."""
-        return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
-
-    def all(self) -> list[str]:
-        """Every special token once, roles first: this order fixes their ids (0, 1, ...) in a trained vocabulary."""
-        out: list[str] = []
-        for token in [*self.roles().values(), *self.extra]:
-            if token not in out:
-                out.append(token)
-        return out
-
-    def with_extra(self, tokens: Iterable[str]) -> SpecialTokens:
-        return replace(self, extra=tuple(dict.fromkeys([*self.extra, *tokens])))
-
-    @classmethod
-    def default(cls, kind: str) -> SpecialTokens:
-        """The defaults per kind (README, section tokenizer).
-
-        bpe:       <|bos|> <|eos|> <|pad|> + ChatML markers (byte-level: no unk token is ever needed)
-        unigram:   <s> </s> <pad> <unk> + ChatML markers (SentencePiece conventions)
-        wordpiece: [CLS] [SEP] [PAD] [UNK] [MASK] (BERT); bos=[CLS], eos=[SEP] so documents can be packed
-        char:      <|bos|> <|eos|> <|pad|> <unk> (no chat markers: a character model of one corpus)
-        """
-        if kind == "bpe":
-            return cls(bos="<|bos|>", eos="<|eos|>", pad="<|pad|>", extra=CHATML_MARKERS)
-        if kind == "unigram":
-            return cls(bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", extra=CHATML_MARKERS)
-        if kind == "wordpiece":
-            return cls(bos="[CLS]", eos="[SEP]", pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]")
-        if kind == "char":
-            return cls(bos="<|bos|>", eos="<|eos|>", pad="<|pad|>", unk="<unk>")
-        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
+from lmstack.errors import TokenizerError
+from lmstack.tokenizer import chat_template as templates
+from lmstack.tokenizer.special import ROLES, SpecialTokens
 
 
 class Tokenizer:
@@ -301,67 +238,6 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     return Tokenizer.load(directory)
 
 
-def train_tokenizer(files_or_iterator: Sequence[str | os.PathLike[str]] | Iterator[str] | Iterable[str],
-                    kind: Kind, vocab_size: int | None, min_frequency: int | None = None,
-                    special_tokens: SpecialTokens | None = None,
-                    chat_template: str | None = "default", show_progress: bool = False) -> Tokenizer:
-    """Train a tokenizer of `kind` on text.
-
-    files_or_iterator: a list/tuple of text file paths (read by the Rust trainer), or any other iterable
-        (e.g. a generator) of text strings.
-    vocab_size: target vocabulary including special tokens (bpe needs >= 256 + specials). For `char`, None
-        keeps every distinct character; a number keeps the most frequent ones (the rest map to unk).
-    min_frequency: bpe/wordpiece merge threshold (default 2); char: drop characters seen fewer times
-        (default 1, i.e. keep all); unigram has no such threshold and rejects a value other than None/1.
-    special_tokens: defaults to SpecialTokens.default(kind).
-    chat_template: "default" (ChatML for bpe/unigram, none for wordpiece/char), "chatml", "llama3", a file
-        path, raw Jinja source (containing '{%' or '{{'), or None. The markers a built-in template needs
-        are added to the special tokens.
-    """
-    if kind not in KINDS:
-        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
-    special = special_tokens if special_tokens is not None else SpecialTokens.default(kind)
-    source: str | None
-    if chat_template == "default":
-        source = templates.CHATML if kind in ("bpe", "unigram") else None
-        if source is not None:
-            special = special.with_extra(CHATML_MARKERS)
-    elif chat_template is None:
-        source = None
-    elif chat_template in templates.BUILTIN_TEMPLATES:
-        source = templates.BUILTIN_TEMPLATES[chat_template]
-        special = special.with_extra(templates.TEMPLATE_SPECIAL_TOKENS[chat_template])
-    elif "{%" in chat_template or "{{" in chat_template:
-        source = chat_template
-    else:
-        source = templates.resolve_template(chat_template)
-    if kind == "unigram" and min_frequency not in (None, 1):
-        raise TokenizerError("min_frequency does not apply to unigram (its trainer prunes by likelihood)")
-    from lmstack.tokenizer_train import train_backend  # the trainers import this module's types
-
-    backend = train_backend(_training_source(files_or_iterator), kind, vocab_size,
-                            min_frequency if min_frequency is not None else (1 if kind == "char" else 2),
-                            special, show_progress)
-    # Continue from the serialised form, so the returned tokenizer is exactly what a reload of it gives.
-    # transformers must not "clean up" decoded text (" ." -> "."): decode has to round-trip, as ours does.
-    return Tokenizer(tokenizers.Tokenizer.from_str(backend.to_str()), special, source,
-                     config={"clean_up_tokenization_spaces": False})
-
-
-def _training_source(files_or_iterator: Any) -> list[str] | Iterator[str]:
-    if isinstance(files_or_iterator, (str, os.PathLike)):
-        files_or_iterator = [files_or_iterator]
-    if isinstance(files_or_iterator, (list, tuple)):
-        paths = [os.fspath(p) for p in files_or_iterator]
-        if not paths:
-            raise TokenizerError("no training files given")
-        for p in paths:
-            if not os.path.isfile(p):
-                raise TokenizerError(f"{p}: no such training file (pass an iterator to train on in-memory text)")
-        return paths
-    return iter(files_or_iterator)
-
-
 def _round_floats(value: Any) -> Any:
     if isinstance(value, float):
         return float(f"{value:.12g}")
@@ -413,49 +289,3 @@ def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
 def _is_managed_key(key: str) -> bool:
     return (key in {"chat_template", "additional_special_tokens", "extra_special_tokens", "added_tokens_decoder"}
             or key.endswith("_token") and key[: -len("_token")] in ROLES)
-
-
-class StreamDecoder:
-    """Incremental detokenisation that never emits part of a character (the scheme of vLLM / TGI).
-
-    It keeps a short window of ids: `prefix` (already emitted) and the new ones. Each push decodes the
-    window twice, without and with the new ids, and emits the difference, unless the longer text ends in
-    U+FFFD: then a multi-byte character is still incomplete and nothing is emitted until it is. Decoding a
-    window rather than single ids keeps context-dependent decoders right (Metaspace's leading space,
-    WordPiece's '##' joins, byte-level merges across ids).
-    """
-
-    # ids of context decoded before the new ones: enough for any decoder's look-behind
-    CONTEXT = 5
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self._ids: list[int] = [int(i) for i in prompt_ids]
-        self._prefix = max(len(self._ids) - self.CONTEXT, 0)  # window start
-        self._read = len(self._ids)  # everything before this index has been emitted (or is prompt)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def push(self, token_id: int) -> str:
-        """Add one generated id; return the newly completed text ('' while a character is incomplete)."""
-        self._ids.append(int(token_id))
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
-        if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(prefix_text):]
-
-    def flush(self) -> str:
-        """Return whatever is still held back (an incomplete character decodes as U+FFFD) and reset the window."""
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        text = self._decode(self._ids[self._prefix:])
-        self._prefix = max(len(self._ids) - self.CONTEXT, 0)
-        self._read = len(self._ids)
-        return text[len(prefix_text):]
-
-
-__all__ = ["KINDS", "Kind", "SpecialTokens", "StreamDecoder", "Tokenizer", "TokenizerError", "load_tokenizer",
-           "train_tokenizer"]

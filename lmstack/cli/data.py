@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.data.builtin import BUILTIN_QUALITY_DEFAULTS, corpus_names
-from lmstack.schema import ConfigError, apply_overrides, from_dict, load_yaml
+from lmstack.errors import ConfigError
+from lmstack.schema import apply_overrides, from_dict, load_yaml
 
 # argparse destination -> PrepareConfig key (dotted for nested sections)
 _FLAG_KEYS = {

@@ -1,4 +1,4 @@
-"""`lmstack generate` (prompts in, completions out) and `lmstack chat` (an interactive streaming chat).
+"""`lmstack generate`: prompts in, completions out (text, or JSONL with ids, finish reasons and logprobs).
 
 Every GenerationConfig field is a flag (`--top-p 0.9`, `--stop "\\n\\n"` repeatable, `--logprobs`); a
 YAML file of the same fields can be given with `--config`, flags win over it.
@@ -16,14 +16,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmstack.atomic import atomic_file
+from lmstack.errors import CheckpointError, ConfigError, DataError, InputFileError
 from lmstack.generate.config import GenerationConfig
 from lmstack.generate.generate import GenerationOutput, generate, stream
-from lmstack.schema import ConfigError, from_dict, load_yaml
-
-# Markers that end an assistant turn in the common chat templates (ChatML, Llama 3, Phi, SentencePiece).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
-CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256}
-
+from lmstack.schema import from_dict, load_yaml
 
 # ------------------------------------------------------------------------------------------- shared flags
 
@@ -71,15 +67,9 @@ def load_model_and_tokenizer(directory: Path, device: str | None) -> tuple[Any, 
     from lmstack.tokenizer import Tokenizer
 
     if not directory.is_dir():
-        raise ValueError(f"{directory}: no such model directory")
+        raise CheckpointError(f"{directory}: no such model directory")
     tokenizer = Tokenizer.load(directory)
     return load_model(directory, device=device).eval(), tokenizer
-
-
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """EOS plus the chat template's end-of-turn markers present in the vocabulary."""
-    ids = {tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS} | {tokenizer.eos_token_id}
-    return sorted(i for i in ids if i is not None)
 
 
 # ------------------------------------------------------------------------------------------- generate
@@ -90,18 +80,18 @@ def _read_prompts_file(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise OSError(f"{path}: cannot read prompts file ({e.strerror})") from None
+        raise InputFileError(f"{path}: cannot read prompts file ({e.strerror})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object with \"prompt\" or \"messages\"")
+            raise DataError(f"{path}:{number}: expected a JSON object with \"prompt\" or \"messages\"")
         if isinstance(record.get("prompt"), str) == isinstance(record.get("messages"), list):
-            raise ValueError(f"{path}:{number}: give exactly one of \"prompt\" (a string) or \"messages\" (a list)")
+            raise DataError(f"{path}:{number}: give exactly one of \"prompt\" (a string) or \"messages\" (a list)")
         yield number, record
 
 
@@ -110,7 +100,7 @@ def _prompt_text(record: dict[str, Any], tokenizer: Any, chat: bool, system: str
         messages = record["messages"]
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                    for m in messages):
-            raise ValueError(f"{where}: each message needs string \"role\" and \"content\"")
+            raise DataError(f"{where}: each message needs string \"role\" and \"content\"")
     elif chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": record["prompt"]}]
@@ -131,9 +121,9 @@ def _record(source: dict[str, Any], out: GenerationOutput, row: int) -> dict[str
     return result
 
 
-def generate_main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     """Generate text from a model directory: --prompt "..." (repeatable) or --prompts-file in.jsonl -> JSONL."""
-    parser = argparse.ArgumentParser(prog="lmstack generate", description=generate_main.__doc__)
+    parser = argparse.ArgumentParser(prog="lmstack generate", description=main.__doc__)
     parser.add_argument("--model", type=Path, required=True, help="model directory (with tokenizer.json)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeatable: one batch)")
@@ -151,7 +141,7 @@ def generate_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = config_from_args(args)
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
     draft = load_model_and_tokenizer(args.draft_model, args.device)[0] if args.draft_model else None
     if args.prompts_file is not None:
@@ -167,7 +157,9 @@ def generate_main(argv: list[str]) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    from torch._dynamo.utils import counters as dynamo_counters  # tells --stats when a batch paid for compiling
+    from torch._dynamo.utils import (
+        counters as dynamo_counters,  # tells --stats when a batch paid for compiling
+    )
 
     results = []
     for start in range(0, len(texts), args.batch_size):
@@ -200,77 +192,3 @@ def _print_stats(out: GenerationOutput, compiled_now: bool = False) -> None:
     if compiled_now:  # a new batch size or cache length: --compile compiled a graph during this batch
         line += " (includes compiling the decode step)"
     print(line, file=sys.stderr)
-
-
-# ------------------------------------------------------------------------------------------- chat
-
-CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /quit"
-
-
-def chat_main(argv: list[str]) -> int:
-    """Chat with a model in the terminal (chat template, streaming, history; /reset, /system TEXT, /quit)."""
-    parser = argparse.ArgumentParser(prog="lmstack chat", description=chat_main.__doc__ + "\n" + CHAT_HELP)
-    parser.add_argument("--model", type=Path, required=True, help="model directory (tokenizer with a chat template)")
-    parser.add_argument("--system", default=None, help="system message")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
-    add_generation_flags(parser)
-    args = parser.parse_args(argv)
-    config = config_from_args(args, CHAT_DEFAULTS)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{args.model}: the tokenizer has no chat_template; `lmstack chat` needs one")
-    if config.eos_token_ids is None:
-        config = config.replace(eos_token_ids=end_of_turn_ids(tokenizer))
-    interactive = sys.stdin.isatty()
-    system, history = args.system, []
-    if interactive:
-        print(CHAT_HELP)
-    while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:  # EOF
-            return 0
-        text = line.rstrip("\n")
-        if not text.strip():
-            continue
-        if text.strip() in ("/quit", "/exit"):
-            return 0
-        if text.strip() == "/reset":
-            history = []
-            print("[conversation cleared]", flush=True)
-            continue
-        if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
-            print(f"[system message {'set' if system else 'cleared'}]", flush=True)
-            continue
-        if text.startswith("/"):
-            print(f"[unknown command {text.split()[0]}; {CHAT_HELP}]", flush=True)
-            continue
-        history.append({"role": "user", "content": text})
-        ids = _fit_conversation(tokenizer, system, history, model.config.max_seq_len - config.max_new_tokens)
-        if ids is None:
-            history.pop()
-            print("[message too long for the model's context; shorten it or lower --max-new-tokens]", flush=True)
-            continue
-        reply = []
-        for piece in stream(model, tokenizer, ids, config=config):
-            reply.append(piece)
-            print(piece, end="", flush=True)
-        print(flush=True)
-        history.append({"role": "assistant", "content": "".join(reply)})
-
-
-def _fit_conversation(tokenizer: Any, system: str | None, history: list[dict[str, str]], budget: int
-                      ) -> list[int] | None:
-    """Render the conversation; drop the oldest exchanges until it fits `budget` tokens (None if even the
-    latest message alone does not fit)."""
-    while history:
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        if len(ids) <= budget:
-            return ids
-        if len(history) == 1:
-            return None
-        del history[:2]  # the oldest user message and its reply
-    return None

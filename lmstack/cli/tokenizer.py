@@ -23,15 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmstack.schema import from_dict, load_yaml
-from lmstack.tokenizer import (
-    KINDS,
-    ROLES,
-    SpecialTokens,
-    Tokenizer,
-    TokenizerError,
-    load_tokenizer,
-    train_tokenizer,
-)
+from lmstack.tokenizer import KINDS, ROLES, SpecialTokens, Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 
 
 @dataclass

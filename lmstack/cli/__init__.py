@@ -1,28 +1,31 @@
-"""The `lmstack` command: a verb table {name: "module:function"}; each function takes argv and returns an exit code.
+"""The `lmstack` command: a verb table {name: "module:function"}, one module per verb in this package.
 
-Verbs are imported only when run (or when `--help` lists them), so `lmstack info` does not pay for the
-server or the data pipeline. A verb's one-line help is the first line of its function's docstring.
+Each verb's `main(argv) -> exit code` is imported only when run (or when `--help` lists them), so
+`lmstack info` does not pay for the server or the data pipeline. A verb's one-line help is the first
+line of its function's docstring. This package is the only place that parses argv.
+
+Errors: an `LmstackError` (a user's mistake: lmstack.errors) prints as one line and exits 1; anything
+else is a bug and raises with its traceback. LMSTACK_DEBUG=1 shows the traceback for both.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
+from lmstack.errors import LmstackError
+
 VERBS: dict[str, str] = {
-    "info": "lmstack.info:main",
-    "tokenizer": "lmstack.tokenizer_cli:main",
-    "data": "lmstack.data.cli:main",
-    "pretrain": "lmstack.train.pretrain:main",
-    "generate": "lmstack.generate.cli:generate_main",
-    "chat": "lmstack.generate.cli:chat_main",
-    "quickstart": "lmstack.quickstart:main",
+    "quickstart": "lmstack.cli.quickstart:main",
+    "info": "lmstack.cli.info:main",
+    "tokenizer": "lmstack.cli.tokenizer:main",
+    "data": "lmstack.cli.data:main",
+    "pretrain": "lmstack.cli.pretrain:main",
+    "generate": "lmstack.cli.generate:main",
+    "chat": "lmstack.cli.chat:main",
 }
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, no traceback."""
 
 
 def _resolve(target: str) -> Callable[[list[str]], int]:
@@ -40,7 +43,10 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     verb, rest = argv[0], argv[1:]
@@ -56,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nlmstack: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, OSError) as e:
-        # Our own errors (ConfigError, CheckpointError, ...) subclass ValueError and already name the
-        # file/key; print them as one line. LMSTACK_DEBUG=1 shows the traceback.
-        import os
+    except LmstackError as e:
         if os.environ.get("LMSTACK_DEBUG"):
             raise
         print(f"lmstack {verb}: error: {e}", file=sys.stderr)

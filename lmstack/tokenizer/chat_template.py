@@ -29,6 +29,8 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from lmstack.errors import ChatTemplateError
+
 # ChatML (OpenAI / Qwen style). The assistant content and its closing <|im_end|> are the trained span.
 CHATML = (
     "{% for message in messages %}"
@@ -69,10 +71,6 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 # Private-use code points: never produced by a tokenizer's normaliser, and rejected in message content.
 _GEN_START, _GEN_END = "\ue000", "\ue001"
-
-
-class ChatTemplateError(ValueError):
-    """A template failed to parse or render, or called raise_exception()."""
 
 
 def resolve_template(name_or_path: str) -> str:

@@ -1,4 +1,4 @@
-"""Build and train the `tokenizers` pipeline for each kind (used by lmstack.tokenizer.train_tokenizer).
+"""Train a tokenizer: `train_tokenizer`, and the `tokenizers` pipeline it builds for each kind.
 
 Each kind is a full tokenizers pipeline (normaliser, pre-tokeniser, model, post-processor, decoder), so
 the saved tokenizer.json is self-describing and any `tokenizers`/transformers user gets the same ids:
@@ -14,32 +14,97 @@ the saved tokenizer.json is self-describing and any `tokenizers`/transformers us
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmstack import tokenizer as _tok
+from lmstack.errors import TokenizerError
+from lmstack.tokenizer import chat_template as templates
+from lmstack.tokenizer.special import CHATML_MARKERS, KINDS, Kind, SpecialTokens
+from lmstack.tokenizer.tokenizer import Tokenizer
+
+
+def train_tokenizer(files_or_iterator: Sequence[str | os.PathLike[str]] | Iterator[str] | Iterable[str],
+                    kind: Kind, vocab_size: int | None, min_frequency: int | None = None,
+                    special_tokens: SpecialTokens | None = None,
+                    chat_template: str | None = "default", show_progress: bool = False) -> Tokenizer:
+    """Train a tokenizer of `kind` on text.
+
+    files_or_iterator: a list/tuple of text file paths (read by the Rust trainer), or any other iterable
+        (e.g. a generator) of text strings.
+    vocab_size: target vocabulary including special tokens (bpe needs >= 256 + specials). For `char`, None
+        keeps every distinct character; a number keeps the most frequent ones (the rest map to unk).
+    min_frequency: bpe/wordpiece merge threshold (default 2); char: drop characters seen fewer times
+        (default 1, i.e. keep all); unigram has no such threshold and rejects a value other than None/1.
+    special_tokens: defaults to SpecialTokens.default(kind).
+    chat_template: "default" (ChatML for bpe/unigram, none for wordpiece/char), "chatml", "llama3", a file
+        path, raw Jinja source (containing '{%' or '{{'), or None. The markers a built-in template needs
+        are added to the special tokens.
+    """
+    if kind not in KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
+    special = special_tokens if special_tokens is not None else SpecialTokens.default(kind)
+    source: str | None
+    if chat_template == "default":
+        source = templates.CHATML if kind in ("bpe", "unigram") else None
+        if source is not None:
+            special = special.with_extra(CHATML_MARKERS)
+    elif chat_template is None:
+        source = None
+    elif chat_template in templates.BUILTIN_TEMPLATES:
+        source = templates.BUILTIN_TEMPLATES[chat_template]
+        special = special.with_extra(templates.TEMPLATE_SPECIAL_TOKENS[chat_template])
+    elif "{%" in chat_template or "{{" in chat_template:
+        source = chat_template
+    else:
+        source = templates.resolve_template(chat_template)
+    if kind == "unigram" and min_frequency not in (None, 1):
+        raise TokenizerError("min_frequency does not apply to unigram (its trainer prunes by likelihood)")
+    backend = train_backend(_training_source(files_or_iterator), kind, vocab_size,
+                            min_frequency if min_frequency is not None else (1 if kind == "char" else 2),
+                            special, show_progress)
+    # Continue from the serialised form, so the returned tokenizer is exactly what a reload of it gives.
+    # transformers must not "clean up" decoded text (" ." -> "."): decode has to round-trip, as ours does.
+    return Tokenizer(tokenizers.Tokenizer.from_str(backend.to_str()), special, source,
+                     config={"clean_up_tokenization_spaces": False})
+
+
+def _training_source(files_or_iterator: Any) -> list[str] | Iterator[str]:
+    if isinstance(files_or_iterator, (str, os.PathLike)):
+        files_or_iterator = [files_or_iterator]
+    if isinstance(files_or_iterator, (list, tuple)):
+        paths = [os.fspath(p) for p in files_or_iterator]
+        if not paths:
+            raise TokenizerError("no training files given")
+        for p in paths:
+            if not os.path.isfile(p):
+                raise TokenizerError(f"{p}: no such training file (pass an iterator to train on in-memory text)")
+        return paths
+    return iter(files_or_iterator)
+
 
 BYTE_ALPHABET_SIZE = 256
 _READ_CHUNK = 1 << 20  # about this many characters per block of a training file
 
 
 def train_backend(source: list[str] | Iterator[str], kind: str, vocab_size: int | None, min_frequency: int,
-                  special: _tok.SpecialTokens, show_progress: bool) -> tokenizers.Tokenizer:
+                  special: SpecialTokens, show_progress: bool) -> tokenizers.Tokenizer:
     """Train the backend tokenizer for `kind` on files (list of paths) or an iterator of texts."""
     specials = special.all()
     if min_frequency < 1:
-        raise _tok.TokenizerError(f"min_frequency must be >= 1, got {min_frequency}")
+        raise TokenizerError(f"min_frequency must be >= 1, got {min_frequency}")
     if kind != "char" and vocab_size is None:
-        raise _tok.TokenizerError(f"{kind} needs a vocab size")
+        raise TokenizerError(f"{kind} needs a vocab size")
     if vocab_size is not None and vocab_size <= len(specials):
-        raise _tok.TokenizerError(f"vocab size {vocab_size} leaves no room beside the {len(specials)} special tokens")
+        raise TokenizerError(f"vocab size {vocab_size} leaves no room beside the {len(specials)} special tokens")
     if kind == "bpe":
         need = BYTE_ALPHABET_SIZE + len(specials)
         if vocab_size < need:
-            raise _tok.TokenizerError(
+            raise TokenizerError(
                 f"vocab size {vocab_size} is too small for byte-level BPE: the 256-byte alphabet plus "
                 f"{len(specials)} special tokens need at least {need}")
         backend = tokenizers.Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -53,7 +118,7 @@ def train_backend(source: list[str] | Iterator[str], kind: str, vocab_size: int 
         return backend
     if kind == "wordpiece":
         if special.unk is None:
-            raise _tok.TokenizerError("wordpiece needs an unk token (a word it cannot spell becomes unk)")
+            raise TokenizerError("wordpiece needs an unk token (a word it cannot spell becomes unk)")
         unk = special.unk
         backend = tokenizers.Tokenizer(models.WordPiece(unk_token=unk, continuing_subword_prefix="##"))
         backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
@@ -68,7 +133,7 @@ def train_backend(source: list[str] | Iterator[str], kind: str, vocab_size: int 
         return backend
     if kind == "unigram":
         if special.unk is None:
-            raise _tok.TokenizerError("unigram needs an unk token (characters outside its alphabet become unk)")
+            raise TokenizerError("unigram needs an unk token (characters outside its alphabet become unk)")
         backend = tokenizers.Tokenizer(models.Unigram())
         backend.normalizer = normalizers.NFKC()
         # "first": only the start of the text gets a '▁', not every piece after a special token, so a
@@ -82,16 +147,16 @@ def train_backend(source: list[str] | Iterator[str], kind: str, vocab_size: int 
         return backend
     if kind == "char":
         return _train_char(source, vocab_size, min_frequency, special)
-    raise _tok.TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(_tok.KINDS)}")
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
 def _train(backend: tokenizers.Tokenizer, trainer: trainers.Trainer, source: list[str] | Iterator[str]) -> None:
     backend.train_from_iterator(_iter_texts(source), trainer)
     if backend.get_vocab_size() == len(trainer.special_tokens):
-        raise _tok.TokenizerError("the training text is empty: no tokens were learned")
+        raise TokenizerError("the training text is empty: no tokens were learned")
 
 
-def _post_processor(backend: tokenizers.Tokenizer, special: _tok.SpecialTokens,
+def _post_processor(backend: tokenizers.Tokenizer, special: SpecialTokens,
                     byte_level: bool) -> processors.PostProcessor | None:
     """What add_special_tokens=True adds: [CLS] A [SEP] when cls/sep are set (BERT), else bos A."""
     if special.cls is not None and special.sep is not None:
@@ -127,14 +192,14 @@ def _iter_texts(source: list[str] | Iterator[str]) -> Iterator[str]:
 
 
 def _train_char(source: list[str] | Iterator[str], vocab_size: int | None, min_frequency: int,
-                special: _tok.SpecialTokens) -> tokenizers.Tokenizer:
+                special: SpecialTokens) -> tokenizers.Tokenizer:
     if special.unk is None:
-        raise _tok.TokenizerError("char needs an unk token (characters not seen in training become unk)")
+        raise TokenizerError("char needs an unk token (characters not seen in training become unk)")
     counts: Counter[str] = Counter()
     for text in _iter_texts(source):
         counts.update(text)
     if not counts:
-        raise _tok.TokenizerError("the training text is empty: no characters were seen")
+        raise TokenizerError("the training text is empty: no characters were seen")
     specials = special.all()
     # most frequent first, ties in code-point order, so the vocabulary is deterministic
     chars = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_frequency
