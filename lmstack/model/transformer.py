@@ -46,7 +46,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A decoder-only language model. `model(input_ids)` (B, T) -> logits (B, T, V)."""
+    """A decoder-only language model. `model(input_ids)` (B, T) -> logits (B, T, V).
+
+    Provides `lmstack.model.protocol.CausalLM`, what the engine, the generator and the server call.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -140,12 +143,16 @@ class Transformer(nn.Module):
         """
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_slots)
         if targets is None:
-            return self.lm_head(hidden)
+            return self.head(hidden)
         if isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index)
         logits = self.lm_head(hidden)  # a swapped head (adapter, quantized): its own forward
         return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
                                reduction="sum")
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., d) -> logits (..., V): the LM head (whatever module is swapped in as lm_head)."""
+        return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
