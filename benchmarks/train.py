@@ -88,6 +88,7 @@ def lmstack_step(compile_model: bool, checkpointing: bool) -> Callable[[], float
     from lmstack.model import Transformer
     from lmstack.train.config import OptimConfig
     from lmstack.train.device import keep_freed_cpu_memory
+    from lmstack.train.engine import scale_gradients
     from lmstack.train.objectives import causal_lm_loss
     from lmstack.train.optim import build_optimizer
 
@@ -104,12 +105,16 @@ def lmstack_step(compile_model: bool, checkpointing: bool) -> Callable[[], float
     optimizer = build_optimizer(model, OptimConfig(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY))
     inputs, targets = batch()
 
-    def step() -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> float:  # as Engine.compute_gradients: backward of the summed loss, then divide by the count
         loss = causal_lm_loss(model, inputs, targets)
-        loss.backward()
+        loss.total.backward()
+        count = int(loss.count)
+        scale_gradients(params, 1.0 / count)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.total.item() / count
 
     return step
 

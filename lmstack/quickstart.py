@@ -17,6 +17,7 @@ command again resumes instead of starting over.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,13 @@ STRATEGIES = {  # name -> lmstack.generate options
 }
 
 
+PROBE_STEPS = 4  # timed on a throwaway engine: the first warms up, the best of the rest sets the pace
+EVALUATIONS = 8  # validation passes during training
+MIN_STEPS = 20
+SAMPLE_AND_REPORT_S = 20.0  # decoding 4 prompts x 3 strategies x 40 tokens, and the report, on 2 cores
+CHECKPOINT_S = 0.5
+
+
 @dataclass
 class QuickstartPlan:
     """What a run was started with; stored in OUT/quickstart.json so a rerun resumes the same run."""
@@ -52,8 +60,8 @@ class QuickstartPlan:
     model: dict = field(default_factory=lambda: dict(QUICKSTART_MODEL))
     seq_len: int = 256
     batch_size: int = 8
-    steps: int = 0  # chosen from a timing of the first steps to fit the budget
-    minutes: float = 6.0
+    steps: int = 0  # chosen from a timing of the first steps so that the whole run fits `minutes`
+    minutes: float = 8.0
     seed: int = 0
     lr: float = 2e-3
 
@@ -64,30 +72,41 @@ def say(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------- stages
 def prepare_data(plan: QuickstartPlan, data_dir: Path) -> dict:
-    """Stage 1+2: the data pipeline with a BPE tokenizer trained on the cleaned text (skipped if done)."""
+    """Stage 1+2: the data pipeline with a BPE tokenizer trained on the cleaned text (skipped if done).
+
+    Validation text is held-out documents spread over the corpus (every 20th kept document), as
+    `lmstack data prepare` splits by default. A corpus of too few documents for that (one big file)
+    is split by its token stream's last 5% instead.
+    """
     report_path = data_dir / "data_report.json"
     if report_path.exists():
         say(f"data: already prepared in {data_dir}")
         return json.loads(report_path.read_text(encoding="utf-8"))
+    from lmstack.data.builtin import BUILTIN_QUALITY_DEFAULTS
     from lmstack.data.pipeline import PrepareConfig, prepare
 
     builtin = [c for c in plan.corpus if c.startswith("builtin:")]
     if builtin and len(plan.corpus) > 1:
         raise ConfigError("--corpus: give either one builtin:NAME or your own files/directories, not both")
-    cfg = PrepareConfig(corpus=builtin[0] if builtin else None, inputs=[] if builtin else list(plan.corpus),
-                        train_tokenizer=f"bpe:{plan.vocab_size}", output=str(data_dir), val_fraction=0.05,
-                        # the last 5% of the token stream validates: a split by document would leave a
-                        # user's corpus of a few files with no validation text at all
-                        split="tail")
+    quality = dict(BUILTIN_QUALITY_DEFAULTS.get(builtin[0].removeprefix("builtin:"), {})) if builtin else {}
+    cfg = from_dict(PrepareConfig, {
+        "corpus": builtin[0] if builtin else None, "inputs": [] if builtin else list(plan.corpus),
+        "train_tokenizer": f"bpe:{plan.vocab_size}", "output": str(data_dir), "val_fraction": 0.05,
+        "split": "document", "quality": quality})
     say(f"data: cleaning, deduplicating and tokenising {', '.join(plan.corpus)}")
-    return prepare(cfg)
+    report = prepare(cfg)
+    if report["split"]["val"]["tokens"] < plan.seq_len + 1:
+        say(f"data: {report['split']['val']['documents']} held-out documents are too few to validate on; "
+            "using the last 5% of the token stream instead")
+        report = prepare(dataclasses.replace(cfg, split="tail", overwrite=True))
+    return report
 
 
-def pretrain_config(plan: QuickstartPlan, out: Path):
-    """The PretrainConfig this quickstart trains with: the same engine and code path as `lmstack pretrain`."""
+def pretrain_config(plan: QuickstartPlan, out: Path, steps: int | None = None):
+    """The PretrainConfig this quickstart trains with: the same recipe and engine as `lmstack pretrain`."""
     from lmstack.train.config import PretrainConfig
 
-    steps = max(plan.steps, 1)
+    steps = max(steps or plan.steps, 1)
     return from_dict(PretrainConfig, {
         "out_dir": str(out / "run"),
         "model": plan.model,
@@ -95,62 +114,54 @@ def pretrain_config(plan: QuickstartPlan, out: Path):
         "optim": {"lr": plan.lr, "betas": [0.9, 0.95], "weight_decay": 0.1},
         "schedule": {"kind": "cosine", "warmup_steps": max(1, min(100, steps // 10)), "min_lr": plan.lr / 10},
         "train": {"steps": steps, "batch_size": plan.batch_size, "seq_len": plan.seq_len, "seed": plan.seed,
-                  "eval_every": max(1, steps // 8), "eval_windows": 64,
+                  "eval_every": max(1, steps // EVALUATIONS), "eval_windows": 64,
                   "checkpoint_every": max(1, steps // 10), "keep_last": 1},
     })
 
 
-def _model_and_batches(plan: QuickstartPlan, out: Path):
-    """The run's initial model (same seed as the engine's) and its train/validation batches."""
-    from lmstack.data.loader import PretrainBatches, TokenStream, validation_batches
-    from lmstack.model.transformer import Transformer
-    from lmstack.train.pretrain import build_model_config
+@dataclass
+class Probe:
+    """What a throwaway engine measured before training: the run's starting point and its costs here."""
 
-    train = TokenStream(out / "data" / "train")
-    config = build_model_config(plan.model, train.info.vocab_size, train.info.eos_token_id)
-    torch.manual_seed(plan.seed)
-    model = Transformer(config)
-    batches = PretrainBatches(train, plan.seq_len, plan.batch_size, seed=plan.seed)
-    val = validation_batches(TokenStream(out / "data" / "val"), plan.seq_len, plan.batch_size, 64)
-    return model, batches, val
+    val_loss: float  # of the initial weights (the same seed as the run's)
+    step_s: float  # one optimizer step (best of the timed steps after the first)
+    eval_s: float  # one pass over the validation batches
+    parameters: int
+    model_config: object
 
 
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, val_batches) -> float:
-    from lmstack.train.objectives import causal_lm_loss
+def probe(plan: QuickstartPlan, out: Path) -> Probe:
+    """Build the run's engine without an output directory, evaluate the initial weights and time a few real
+    steps (clipping, schedule and all); the engine is thrown away, so the real run starts from step 0."""
+    from lmstack.train.engine import Engine
+    from lmstack.train.recipes.pretrain import build_parts, objective
 
-    model.eval()
-    return sum(causal_lm_loss(model, x, y).item() for x, y in val_batches) / len(val_batches)
-
-
-def plan_steps(plan: QuickstartPlan, out: Path) -> tuple[int, float]:
-    """Time a few real training steps on a throwaway copy of the model -> steps that fit `plan.minutes`."""
-    from lmstack.train.config import OptimConfig
-    from lmstack.train.device import keep_freed_cpu_memory
-    from lmstack.train.objectives import causal_lm_loss
-    from lmstack.train.optim import build_optimizer
-
-    keep_freed_cpu_memory()  # as the engine will: the timed steps run as the real ones do
-    model, batches, _ = _model_and_batches(plan, out)
-    optimizer = build_optimizer(model, OptimConfig(lr=plan.lr))
-    model.train()
+    cfg = pretrain_config(plan, out, steps=PROBE_STEPS)
+    model, batches, val = build_parts(cfg)
+    cfg.train.progress = False
+    engine = Engine(model, objective, batches, cfg.train, cfg.optim, cfg.schedule, val_batches=val)
+    t0 = time.perf_counter()
+    val_loss = engine.evaluate()
+    eval_s = time.perf_counter() - t0
     times = []
-    for step in range(4):
+    for step in range(PROBE_STEPS):
         t0 = time.perf_counter()
-        for x, y in batches.micro_batches(step):
-            causal_lm_loss(model, x, y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.train_step(step)
         times.append(time.perf_counter() - t0)
-    step_s = min(times[1:])  # the first step pays for warm-up
-    # 85% of the budget for steps: evaluation, checkpoints and logging take the rest
-    return max(20, int(plan.minutes * 60 * 0.85 / step_s)), step_s
+    return Probe(val_loss, min(times[1:]), eval_s, model.num_parameters(), model.config)  # step 0 warms up
+
+
+def steps_that_fit(plan: QuickstartPlan, measured: Probe, seconds_left: float) -> int:
+    """Training steps that fit the seconds left of the budget, after the evaluations during training,
+    the checkpoints and the samples and report that follow (estimated from the probe)."""
+    reserve = EVALUATIONS * measured.eval_s + SAMPLE_AND_REPORT_S + 10 * CHECKPOINT_S
+    return max(MIN_STEPS, int((seconds_left - reserve) / measured.step_s))
 
 
 def train(plan: QuickstartPlan, out: Path):
-    """Stage 3: the engine, resuming from OUT/run's latest checkpoint when there is one."""
+    """Stage 3: the pretraining recipe, resuming from OUT/run's latest checkpoint when there is one."""
     from lmstack.train.checkpoint import latest_checkpoint
-    from lmstack.train.pretrain import run
+    from lmstack.train.recipes.pretrain import run
 
     checkpoint = latest_checkpoint(out / "run" / "checkpoints")
     if checkpoint is not None:
@@ -255,24 +266,25 @@ def write_report(out: Path, plan: QuickstartPlan, facts: dict, data_report: dict
 
 # ------------------------------------------------------------------------------------------- main
 def run_quickstart(plan: QuickstartPlan, out: Path) -> Path:
+    """Every stage, each skipped when a previous run finished it; `plan.minutes` bounds the whole run."""
+    started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "quickstart.json"
     if plan_path.exists():  # a rerun: continue the run that was started, whatever the flags say now
         plan = from_dict(QuickstartPlan, json.loads(plan_path.read_text(encoding="utf-8")))
         say(f"resuming the run in {out} (delete it to start over)")
-    t0 = time.perf_counter()
     data_report = prepare_data(plan, out / "data")
-    data_s = time.perf_counter() - t0
+    data_s = time.perf_counter() - started
+    measured = probe(plan, out)
     if plan.steps == 0:
-        plan.steps, step_s = plan_steps(plan, out)
-        say(f"train: one step of {plan.batch_size}x{plan.seq_len} tokens takes {step_s:.2f} s here: "
-             f"{plan.steps} steps fit {plan.minutes:g} minutes")
+        left = plan.minutes * 60 - (time.perf_counter() - started)
+        plan.steps = steps_that_fit(plan, measured, left)
+        say(f"train: one step of {plan.batch_size}x{plan.seq_len} tokens takes {measured.step_s:.2f} s here: "
+            f"{plan.steps} steps fit the {plan.minutes:g}-minute budget ({left:.0f} s left after the data)")
     if not plan_path.exists():
         write_text(plan_path, json.dumps(to_dict(plan), indent=2))
-    model, _, val = _model_and_batches(plan, out)
-    facts = {"parameters": model.num_parameters(), "model_config": model.config, "val_loss_before": validation_loss(model, val), "data_s": data_s,
-             "train_s": 0.0, "sample_s": 0.0}
-    del model
+    facts = {"parameters": measured.parameters, "model_config": measured.model_config,
+             "val_loss_before": measured.val_loss, "data_s": data_s, "train_s": 0.0, "sample_s": 0.0}
     t1 = time.perf_counter()
     try:
         train(plan, out)

@@ -14,7 +14,7 @@ import time
 from lmstack.errors import ConfigError
 from lmstack.schema import load_config
 from lmstack.train.config import PretrainConfig
-from lmstack.train.pretrain import run
+from lmstack.train.recipes.pretrain import run
 
 
 def main(argv: list[str]) -> int:

@@ -15,7 +15,8 @@ def main(argv: list[str]) -> int:
     """From nothing to a chatting model: prepare the built-in corpus, train a tokenizer and a model, sample, report."""
     parser = argparse.ArgumentParser(prog="lmstack quickstart", description=main.__doc__)
     parser.add_argument("--out", default="runs/quickstart", help="output (a Hugging Face model directory) [%(default)s]")
-    parser.add_argument("--minutes", type=float, default=6.0, help="training time budget in minutes [%(default)s]")
+    parser.add_argument("--minutes", type=float, default=8.0,
+                        help="time budget for the whole run (data, training, samples, report), in minutes [%(default)s]")
     parser.add_argument("--preset", default=None,
                         help=f"model preset instead of the ~4.5M default ({', '.join(sorted(PRESETS))})")
     parser.add_argument("--corpus", nargs="+", default=["builtin:python-docs"],

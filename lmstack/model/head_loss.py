@@ -2,7 +2,7 @@
 
 Why: at 2048 tokens and an 8192-word vocabulary the logits, their log-softmax and their gradient
 are 64 MiB each. Tensors that size are above glibc's mmap threshold, so each one is a fresh mmap
-that page-faults in, 4 KiB at a time, every step (~65k faults a step for the 27M benchmark model),
+that page-faults in, 4 KiB at a time, every step (tens of thousands of faults for a small model),
 and each full pass over them streams through memory. Here the tokens go through the head in chunks
 of ~16 MiB of logits (at least 256 tokens): each chunk's log-sum-exp, loss and gradient (softmax minus one-hot) are
 computed while it sits in cache, and the chunk's contribution to the input and weight gradients is

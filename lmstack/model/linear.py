@@ -1,10 +1,10 @@
 """`Linear`: nn.Linear whose training GEMMs on an x86 CPU run in oneDNN instead of MKL.
 
 Why: on AMD CPUs MKL's fp32 sgemm does not dispatch to its AVX-512 kernels (MKL_VERBOSE reports
-"Intel(R) Architecture processors" on a Zen 4, not "AVX-512 enabled"); oneDNN's matmul does. Over the
-GEMMs of one training step of a 512-wide model at 2048 tokens, oneDNN for the forward product
-x @ W^T and the input gradient dY @ W takes ~8% less time than MKL. The weight gradient dY^T @ X,
-a long reduction over the tokens, stays with MKL: oneDNN is no faster there. Full fp32 both ways.
+"Intel(R) Architecture processors" on a Zen 4, not "AVX-512 enabled"); oneDNN's matmul does, so the
+forward product x @ W^T and the input gradient dY @ W run faster in oneDNN there (the measured
+figure is in the README's benchmark section). The weight gradient dY^T @ X, a long reduction over
+the tokens, stays with MKL: oneDNN is no faster there. Full fp32 both ways.
 
 Only while autograd records (training), and only for products big enough to pay the custom op's
 dispatch. Inference keeps F.linear: a compiled decode step pattern-matches aten linear/mm to

@@ -1,7 +1,8 @@
-"""Training checkpoints: a Hugging Face model directory plus the state to continue exactly.
+"""Training checkpoints: the model (as the run's `ModelStore` writes it) plus the state to continue exactly.
 
     OUT/checkpoints/step-00000500/
-        config.json, model.safetensors, generation_config.json   (transformers loads this as is)
+        config.json, model.safetensors, generation_config.json   (WholeModel: transformers loads this as is)
+          or trainable.safetensors                                (TrainableOnly; adapters write their own format)
         tokenizer.json, tokenizer_config.json                     (copied from the data's tokenizer)
         optimizer.safetensors   every optimizer tensor (AdamW moments and step counts), by parameter name
         optimizer.json          the rest of the optimizer state_dict: param groups, non-tensor entries
@@ -19,23 +20,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from lmstack.atomic import atomic_dir, write_text
-from lmstack.config import ModelConfig
-from lmstack.interop.hf import (
-    CheckpointError,
-    load_state_dict,
-    read_config,
-    write_weights,
-)
-from lmstack.model.transformer import Transformer
+from lmstack.errors import CheckpointError
+from lmstack.interop.hf import load_state_dict, read_config, write_weights
 from lmstack.schema import read_json
+from lmstack.train.distributed import full_model_state
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_SKELETON = "optimizer.json"
@@ -44,13 +41,103 @@ BEST = "best.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+TRAINABLE_TENSORS = "trainable.safetensors"
+
+
 @dataclass
 class Checkpoint:
     path: Path
-    config: ModelConfig
-    model_state: dict[str, torch.Tensor]  # lmstack parameter names (lm_head included when tied)
+    model_state: dict[str, torch.Tensor]  # what the store wrote: parameter names -> tensors
     optimizer_state: dict[str, Any]  # torch name-keyed optimizer state_dict (full, unsharded)
     trainer_state: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------- what a checkpoint holds
+class ModelStore(Protocol):
+    """What a checkpoint holds of the model, chosen by the recipe: the whole model (pretraining, full
+    fine-tuning) or only what trains (an adapter). `state` runs on every rank (it may gather shards);
+    `write` and `read` run on rank 0 / at resume."""
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors to store, by parameter name (full, unsharded, on the CPU)."""
+        ...
+
+    def write(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+        """Write `state` (and any files that make the directory usable, e.g. a tokenizer) into `directory`."""
+        ...
+
+    def read(self, directory: Path) -> dict[str, torch.Tensor]:
+        """The state a `write` put in `directory`."""
+        ...
+
+    def load_into(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+        """Put a read state back into the (unwrapped) model before training resumes."""
+        ...
+
+
+def _load_or_explain(model: nn.Module, state: dict[str, torch.Tensor], directory: Path, strict: bool) -> None:
+    try:
+        result = model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory}: does not fit the configured model (was the model config changed?): "
+                              f"{str(e).splitlines()[-1].strip()}") from None
+    if not strict and result.unexpected_keys:
+        raise CheckpointError(f"{directory}: holds {result.unexpected_keys[0]}, which the configured model does not "
+                              "have (was the model config changed?)")
+
+
+@dataclass
+class WholeModel:
+    """Every weight, as a Hugging Face model directory (config.json + safetensors) that transformers and
+    `lmstack.load_model` open as is; `extra_files` (name -> path, e.g. the tokenizer) are copied beside."""
+
+    extra_files: dict[str, Path] = field(default_factory=dict)
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return full_model_state(model)
+
+    def write(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+        with torch.device("meta"):
+            holder = type(model)(model.config)  # a parameter-free shell: write_weights takes names and config
+        holder.load_state_dict(state, strict=False, assign=True)
+        write_weights(holder, directory, dtype=torch.float32)  # fp32 master weights: resume is bitwise exact
+        for name, source in self.extra_files.items():
+            shutil.copyfile(source, directory / name)
+
+    def read(self, directory: Path) -> dict[str, torch.Tensor]:
+        config = read_config(directory)
+        state = load_state_dict(directory, config)
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        return state
+
+    def load_into(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+        _load_or_explain(model, state, directory, strict=True)
+
+
+@dataclass
+class TrainableOnly:
+    """Only the parameters that train (requires_grad), in one safetensors file: for a run whose frozen
+    weights come from elsewhere (a base model the recipe loads). Adapters write their own format."""
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        return {name: t for name, t in full_model_state(model).items() if name in trainable}
+
+    def write(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, directory / TRAINABLE_TENSORS, metadata={"format": "pt"})
+
+    def read(self, directory: Path) -> dict[str, torch.Tensor]:
+        if not (directory / TRAINABLE_TENSORS).exists():
+            raise CheckpointError(f"{directory / TRAINABLE_TENSORS}: not found")
+        return load_file(directory / TRAINABLE_TENSORS)
+
+    def load_into(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+        missing = sorted({n for n, p in model.named_parameters() if p.requires_grad} - set(state))
+        if missing:
+            raise CheckpointError(f"{directory}: no tensor for trainable parameter {missing[0]} "
+                                  f"({len(missing)} missing): was a different set of parameters trained?")
+        _load_or_explain(model, state, directory, strict=False)
 
 
 # ------------------------------------------------------------------------------- optimizer state <-> files
@@ -86,39 +173,31 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], skeleton: dict[s
 
 
 # ------------------------------------------------------------------------------- save / load
-def save_checkpoint(path: str | Path, config: ModelConfig, model_state: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any], trainer_state: dict[str, Any],
-                    extra_files: dict[str, Path] | None = None) -> Path:
+def save_checkpoint(path: str | Path, store: ModelStore, model: nn.Module, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
     """Atomically write one checkpoint directory from full (unsharded, CPU) states. Rank 0 only."""
     path = Path(path)
-    with torch.device("meta"):
-        holder = Transformer(config)  # a parameter-free shell that gives write_weights the names and config
-    holder.load_state_dict(model_state, strict=False, assign=True)
     with atomic_dir(path) as tmp:
-        write_weights(holder, tmp, dtype=torch.float32)  # fp32 master weights: resume must be bitwise exact
+        store.write(model, model_state, tmp)
         tensors, skeleton = flatten_optimizer_state(optimizer_state)
         save_file(tensors, tmp / OPTIMIZER_TENSORS, metadata={"format": "pt"})
         (tmp / OPTIMIZER_SKELETON).write_text(json.dumps(skeleton, indent=1) + "\n")
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
-        for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, tmp / name)
     return path
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint`; errors name the missing or broken file."""
+def load_checkpoint(path: str | Path, store: ModelStore | None = None) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint` with `store` (default WholeModel); errors name the
+    missing or broken file."""
     path = Path(path)
     for name in (TRAINER_STATE, OPTIMIZER_TENSORS, OPTIMIZER_SKELETON):
         if not (path / name).exists():
             raise CheckpointError(f"{path / name}: not found; {path} is not a complete lmstack training checkpoint")
-    config = read_config(path)
-    model_state = load_state_dict(path, config)
-    if config.tie_word_embeddings:
-        model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
+    model_state = (store or WholeModel()).read(path)
     skeleton = read_json(path / OPTIMIZER_SKELETON, CheckpointError)
     trainer_state = read_json(path / TRAINER_STATE, CheckpointError)
     optimizer_state = unflatten_optimizer_state(load_file(path / OPTIMIZER_TENSORS), skeleton)
-    return Checkpoint(path, config, model_state, optimizer_state, trainer_state)
+    return Checkpoint(path, model_state, optimizer_state, trainer_state)
 
 
 # ------------------------------------------------------------------------------- the checkpoints folder

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from lmstack.model.linear import nt_matmul
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -18,8 +20,9 @@ def keep_freed_cpu_memory() -> bool:
     Why: by default a CPU tensor over glibc's mmap threshold (at most 32 MiB) is a fresh mmap each
     time it is allocated, and a large free block at the top of the heap is trimmed back to the OS; every
     training step then page-faults its big activations in again, 4 KiB at a time (tens of thousands of
-    faults a step for a 27M model, ~3% of its step time). Blocks up to 256 MiB now come from the heap,
-    and up to 1 GiB of free heap is kept: the CPU counterpart of CUDA's caching allocator. Resident
+    faults a step for a small model; the measured cost is in the README's benchmark section). Blocks up
+    to 256 MiB now come from the heap, and up to 1 GiB of free heap is kept: the CPU counterpart of
+    CUDA's caching allocator. Resident
     memory then stays at its high-water mark, which a training run reaches every step anyway.
     Returns False where there is no glibc (macOS, musl), which keeps the default behaviour.
     """
@@ -42,14 +45,17 @@ _CUDA_BF16_PEAKS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 
 
 
 def measure_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """This machine's fp32 GEMM FLOP/s: the best of `repeats` (size x size) @ (size x size) products."""
+    """This machine's fp32 GEMM FLOP/s: the best of `repeats` (size x size) products, through MKL (torch's
+    matmul) and through oneDNN (the library the model's training linears use, faster on some CPUs), so
+    that the training step cannot beat its own "peak"."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm up the BLAS threads
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    for product in (torch.matmul, nt_matmul):
+        product(a, b)  # warm up the library's threads
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product(a, b)
+            best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 

@@ -89,13 +89,13 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """The mean of a tensor over ranks (the tensor itself in a 1-process world)."""
+def all_reduce_sum(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The sum of a tensor over ranks (the tensor itself in a 1-process world)."""
     if not ctx.enabled:
         return value
     value = value.clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / ctx.world_size
+    return value
 
 
 def as_local_tensor(value: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ every step shrinks rare tokens' rows, so they are left out by default (`decay_em
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -31,8 +33,6 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             no_decay.append(param)
         else:
             decay.append(param)
-    if not decay and not no_decay:
-        raise TrainingError("the model has no trainable parameters (every parameter has requires_grad=False)")
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -41,9 +41,8 @@ def _fused_applies(groups: list[dict]) -> bool:
     tensors on the CPU or a GPU.
 
     "auto" prefers it because torch's own CPU default is the for-loop implementation: ~6 elementwise
-    kernels per parameter tensor per step. Fused does one pass per tensor: on the 2-core benchmark
-    machine (27M parameters, 74 tensors) the step takes 0.03 s instead of 0.12 s on one thread, and
-    0.08 s instead of 0.8 s on two busy threads, where every small kernel pays for an OpenMP barrier.
+    kernels per parameter tensor per step, each paying an OpenMP barrier on a busy machine. Fused does
+    one pass per tensor (several times faster on the benchmark model: README, benchmark section).
     Sharded (FSDP2 DTensor) parameters keep torch's default.
     """
     params = [p for group in groups for p in group["params"]]
@@ -51,13 +50,18 @@ def _fused_applies(groups: list[dict]) -> bool:
                for p in params)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """torch.optim.AdamW over the model's trainable parameters, two groups (decay / no decay).
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    groups_of: Callable[[nn.Module, OptimConfig], list[dict]] = parameter_groups) -> torch.optim.AdamW:
+    """torch.optim.AdamW over the model's trainable parameters, grouped by `groups_of` (default: decay /
+    no decay). A group may carry its own "lr_scale" (e.g. LoRA+'s faster B matrices): the engine sets
+    each group's learning rate to the schedule's value times that scale.
 
     The learning rate is set per step by the engine from the schedule; `cfg.lr` is the initial value.
     `cfg.implementation="auto"` takes the fused kernel wherever it applies (see `_fused_applies`).
     """
-    groups = parameter_groups(model, cfg)
+    groups = groups_of(model, cfg)
+    if not any(group["params"] for group in groups):
+        raise TrainingError("the model has no trainable parameters (every parameter has requires_grad=False)")
     kwargs: dict = {}
     if cfg.implementation == "fused" or (cfg.implementation == "auto" and _fused_applies(groups)):
         kwargs["fused"] = True

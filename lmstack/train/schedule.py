@@ -37,6 +37,6 @@ def lr_at(step: int, peak_lr: float, cfg: ScheduleConfig, total_steps: int) -> f
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate (groups differ only in weight decay)."""
+    """Set every parameter group's learning rate: `lr` times the group's "lr_scale" (1 when it has none)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

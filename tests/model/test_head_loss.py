@@ -72,7 +72,7 @@ def test_target_out_of_range_is_named():
 
 
 def test_transformer_loss_path_matches_its_logits(monkeypatch):
-    """causal_lm_loss on a Transformer (fused) equals cross_entropy on its logits, mean and sum."""
+    """causal_lm_loss on a Transformer (fused) equals cross_entropy on its logits, summed and per token."""
     monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * 97 * 16)  # several chunks
     monkeypatch.setattr(head_loss, "MIN_CHUNK_ROWS", 1)
     config = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -83,7 +83,9 @@ def test_transformer_loss_path_matches_its_logits(monkeypatch):
     targets = torch.randint(0, 97, (3, 20))
     targets[1, :5] = -100
     for reduction in ("mean", "sum"):
-        fused = causal_lm_loss(model, ids, targets, reduction=reduction)
+        loss = causal_lm_loss(model, ids, targets)
+        assert int(loss.count) == (targets != -100).sum()
+        fused = loss.total if reduction == "sum" else loss.mean()
         fused.backward()
         fused_grads = [p.grad.clone() for p in model.parameters()]
         model.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ from lmstack.errors import ConfigError
 from lmstack.schema import load_config
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import PretrainConfig
-from lmstack.train.pretrain import build_model_config
+from lmstack.train.recipes.pretrain import build_model_config
 
 from .conftest import write_split
 
