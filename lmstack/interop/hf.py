@@ -155,8 +155,13 @@ def load_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, tor
 
 
 def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None, **overrides) -> Transformer:
-    """A Hugging Face / lmstack model directory, or a preset name (random init, `overrides` applied)."""
+               device: torch.device | str | None = None, adapter: str | Path | None = None,
+               **overrides) -> Transformer:
+    """A Hugging Face / lmstack model directory, or a preset name (random init, `overrides` applied).
+
+    adapter: a peft-format adapter directory (LoRA, rsLoRA, DoRA; written by lmstack or by peft) applied on
+    top, unmerged (lmstack.adapters.merge_adapters folds it in; unload() makes a plain model again).
+    """
     path = Path(path_or_preset)
     if path.is_dir():
         config = read_config(path)
@@ -177,6 +182,9 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
     else:
         raise CheckpointError(f"{path_or_preset}: neither a model directory nor a preset name "
                               f"(presets: {', '.join(sorted(PRESETS))})")
+    if adapter is not None:
+        from lmstack.adapters.peft_format import load_adapter
+        model = load_adapter(model, adapter)
     return model.to(device) if device is not None else model
 
 
