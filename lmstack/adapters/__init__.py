@@ -15,8 +15,16 @@
 """
 
 from lmstack.adapters.config import LoraConfig
-from lmstack.adapters.inject import (adapters, apply_lora, disable_adapters, has_adapters, is_adapter_parameter,
-                                     merge_adapters, unload, unmerge_adapters)
+from lmstack.adapters.inject import (
+                                     adapters,
+                                     apply_lora,
+                                     disable_adapters,
+                                     has_adapters,
+                                     is_adapter_parameter,
+                                     merge_adapters,
+                                     unload,
+                                     unmerge_adapters,
+)
 from lmstack.adapters.lora import LoraLinear
 from lmstack.adapters.modules import ModulesToSave, TrainableTokens, resize_vocab
 from lmstack.adapters.peft_format import AdapterStore, is_adapter_dir, load_adapter, read_adapter, save_adapter

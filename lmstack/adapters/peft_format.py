@@ -31,11 +31,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmstack.adapters.config import LoraConfig
-from lmstack.adapters.inject import (adapters, is_adapter_parameter, set_module, wrap_modules_to_save,
-                                     wrap_trainable_tokens)
+from lmstack.adapters.inject import (
+    adapters,
+    is_adapter_parameter,
+    set_module,
+    wrap_modules_to_save,
+    wrap_trainable_tokens,
+)
 from lmstack.adapters.lora import LoraLinear, dense_weight
 from lmstack.adapters.modules import ModulesToSave, TrainableTokens, resize_vocab
-from lmstack.adapters.names import fused_conv1d, hf_module, is_gpt2, lmstack_modules
+from lmstack.adapters.names import fused_conv1d, hf_module, lmstack_modules
 from lmstack.atomic import atomic_dir
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.schema import read_json
@@ -197,7 +202,7 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
             if (directory / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"{weights}: not found{extra}")
     with safe_open(weights, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     return fields, tensors
 
 
@@ -243,7 +248,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             raise CheckpointError(f"{where}: tensor {PREFIX}{hf}.lora_A.weight adapts module {hf}, which this "
                                   f"{config.family} model does not have: is the adapter for another base model?")
         r, alpha = cfg.rank_and_alpha([hf, names[0]])
-        a, b = leaves["lora_A.weight"], leaves["lora_B.weight"] if "lora_B.weight" in leaves else None
+        a, b = leaves["lora_A.weight"], leaves.get("lora_B.weight")
         if b is None:
             raise CheckpointError(f"{where}: {PREFIX}{hf}.lora_A.weight has no lora_B.weight beside it")
         offset = 0
@@ -398,5 +403,15 @@ def _split_qkv(model: nn.Module, hf: str, name: str, part: int, leaves: dict) ->
     return split
 
 
-__all__ = ["AdapterStore", "CONFIG_FILE", "WEIGHTS_FILE", "adapter_tensors", "is_adapter_dir", "load_adapter",
-           "lora_config_from_peft", "read_adapter", "save_adapter", "write_adapter"]
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "AdapterStore",
+    "adapter_tensors",
+    "is_adapter_dir",
+    "load_adapter",
+    "lora_config_from_peft",
+    "read_adapter",
+    "save_adapter",
+    "write_adapter",
+]
