@@ -125,3 +125,17 @@ def test_bad_configs_and_adapters_give_clear_errors(base_dir, untied_base_dir, t
     lmstack.save_model(wide, other)
     with pytest.raises(CheckpointError, match=r"tensor base_model\.model\.model\.layers\.0\..*lora_A\.weight has shape"):
         lmstack.load_model(other, adapter=result.checkpoint)
+
+
+def test_qlora_run_keeps_the_base_in_nf4_and_writes_a_peft_adapter(base_dir, tmp_path):
+    from lmstack.adapters.qlora import NF4Linear
+    engine = build_engine(config(base_dir, write_data(tmp_path / "d.jsonl"), tmp_path / "run", method="qlora"))
+    assert sum(isinstance(m, NF4Linear) for m in engine.base_model.modules()) == 14
+    result = engine.fit()
+    written = json.loads((result.checkpoint / "adapter_config.json").read_text())
+    assert written["peft_type"] == "LORA" and written["target_modules"]
+    x = torch.randint(0, 40, (1, 10))
+    with torch.no_grad():  # on the fp32 base the adapter gives nearly the NF4-trained model's outputs
+        fp32 = lmstack.load_model(base_dir, adapter=result.checkpoint).eval()(x)
+        nf4 = engine.base_model.eval()(x)
+    assert (fp32 - nf4).abs().max() < 0.1

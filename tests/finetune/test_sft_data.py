@@ -9,12 +9,22 @@ import json
 import pytest
 import torch
 
-from lmstack.data.sft import (IGNORE_INDEX, SFTBatches, SFTDataConfig, collate, encode, encode_records, pack,
-                              read_records, sample_tensors, to_messages)
+from lmstack.config import ModelConfig
+from lmstack.data.sft import (
+    IGNORE_INDEX,
+    SFTBatches,
+    SFTDataConfig,
+    collate,
+    encode,
+    encode_records,
+    pack,
+    read_records,
+    sample_tensors,
+    to_messages,
+)
 from lmstack.errors import ChatTemplateError, DataError
 from lmstack.model.transformer import Transformer
-from lmstack.config import ModelConfig
-from lmstack.tokenizer import Tokenizer, train_tokenizer
+from lmstack.tokenizer import train_tokenizer
 from lmstack.tokenizer.chat_template import LLAMA3
 from lmstack.train.objectives.sft import sft_loss
 from tests.finetune.conftest import TEXT
