@@ -72,7 +72,7 @@ def test_loss_covers_exactly_transformers_assistant_tokens_and_each_end_of_turn(
     reference = hf.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     sample = encode(chatml_tokenizer, CHAT, "x")
     assert sample.ids == reference["input_ids"] and sample.mask == reference["assistant_masks"]
-    inputs, targets = sample_tensors(sample)
+    _, targets = sample_tensors(sample)
     trained = targets[targets != IGNORE_INDEX].tolist()
     end = chatml_tokenizer.token_to_id("<|im_end|>")
     assert chatml_tokenizer.decode(trained) == "5<|im_end|>8<|im_end|>"
