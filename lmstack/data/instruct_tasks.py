@@ -2,8 +2,8 @@
 
 Four kinds, phrased as instructions, each checkable by string equality:
     add       "What is 47 + 38?"                                    -> "85"
-    sort      "Sort these numbers from smallest to largest: 7 2 9"  -> "2 7 9"
-    reverse   "Write the letters of 'plant' in reverse order."      -> "tnalp"
+    sort      "Sort these numbers from smallest to largest: 7 2 9"  -> "2 7 9"   (3-5 digits)
+    reverse   "Write the letters of 'plan' in reverse order."       -> "nalp"    (3-5 letters)
     upper     "Write 'table' in capital letters."                   -> "TABLE"
 
 `generate_tasks(n, seed)` is a pure function of its arguments; held-out sets exclude the prompts of a
@@ -27,10 +27,10 @@ def _problem(rng: random.Random, kind: str) -> tuple[str, str]:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         return f"What is {a} + {b}?", str(a + b)
     if kind == "sort":
-        numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+        numbers = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
         return (f"Sort these numbers from smallest to largest: {' '.join(map(str, numbers))}",
                 " ".join(map(str, sorted(numbers))))
-    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5 if kind == "reverse" else 6)))
     if kind == "reverse":
         return f"Write the letters of '{word}' in reverse order.", word[::-1]
     return f"Write '{word}' in capital letters.", word.upper()

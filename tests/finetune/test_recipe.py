@@ -4,6 +4,7 @@ merge, resume, and the bad-input messages."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import warnings
 
@@ -64,7 +65,7 @@ def test_adapter_run_trains_only_the_adapter_and_peft_loads_every_checkpoint(bas
         torch.testing.assert_close(theirs(x).logits, ours, atol=1e-5, rtol=1e-5)
 
 
-def test_new_tokens_on_an_untied_head_and_merge_cli(untied_base_dir, tmp_path):
+def test_new_tokens_on_an_untied_head_and_merge_cli(untied_base_dir, tmp_path, capsys, monkeypatch):
     cfg = config(untied_base_dir, write_data(tmp_path / "d.jsonl"), tmp_path / "run")
     result = build_engine(cfg).fit()
     out = tmp_path / "merged"
@@ -81,6 +82,13 @@ def test_new_tokens_on_an_untied_head_and_merge_cli(untied_base_dir, tmp_path):
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(theirs, adapted, atol=1e-5, rtol=1e-5)
     assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>") is not None
+    # generate and chat take the adapter (and its tokenizer, which has the chat markers the base lacks)
+    assert cli(["generate", "--model", str(untied_base_dir), "--adapter", str(result.checkpoint), "--chat",
+                "--prompt", "What is 2 + 2?", "--max-new-tokens", "4", "--jsonl"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["finish_reason"] in ("length", "stop")
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 1 + 1?\n"))
+    assert cli(["chat", "--model", str(untied_base_dir), "--adapter", str(result.checkpoint),
+                "--max-new-tokens", "3"]) == 0
 
 
 def test_full_finetune_writes_a_transformers_directory_and_loss_falls(base_dir, tmp_path):
