@@ -17,11 +17,12 @@ import lmstack
 from lmstack.adapters import LoraConfig, apply_lora, merge_adapters, save_adapter, unload, unmerge_adapters
 from tests.adapters.conftest import ids, peft, randomize_adapter_weights, transformers
 
-VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
+VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
+            "modules_to_save": {"modules_to_save": ["lm_head"]}, "tokens": {"trainable_token_indices": [3, 5, 200]}}
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "qwen2": "all-linear", "gpt2": ["c_attn", "c_proj", "c_fc"]}
 CASES = [("llama", "lora"), ("llama", "rslora"), ("llama", "dora"), ("qwen2", "dora"), ("gpt2", "lora"),
-         ("gpt2", "dora")]
+         ("gpt2", "dora"), ("llama", "modules_to_save"), ("llama", "tokens"), ("qwen2", "tokens")]
 
 
 def peft_model(base, family: str, variant: str):
