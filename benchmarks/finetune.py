@@ -30,14 +30,26 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import BATCH, FFN, HEADS, KV_HEADS, LAYERS, SEQ, VOCAB, WIDTH, batch, current_rss_bytes, peak_rss_bytes, \
-    reset_peak_rss  # noqa: E402  (the train benchmark's model, batch and memory probes)
+from train import (
+    BATCH,
+    FFN,
+    HEADS,
+    KV_HEADS,
+    LAYERS,
+    SEQ,
+    VOCAB,
+    WIDTH,
+    batch,
+    current_rss_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
 
 METHODS = ("full", "lora", "dora", "qlora", "full_adamw8bit")
 LR, BETAS, EPS = 1e-4, (0.9, 0.95), 1e-8
@@ -49,8 +61,6 @@ def cpu_flags() -> dict:
     model, flags = platform.processor(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
@@ -154,7 +164,7 @@ def worker(side: str, method: str) -> None:
         if method in ("qlora", "full_adamw8bit"):
             import bitsandbytes  # noqa: F401
     else:
-        import lmstack.adapters  # noqa: F401
+        import lmstack.adapters
         import lmstack.train.optim  # noqa: F401
     reset_peak_rss()
     rss_before = current_rss_bytes()

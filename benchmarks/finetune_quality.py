@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-LR = {"full": 1e-3, "lora": 3e-3, "dora": 3e-3, "qlora": 3e-3}
+LR = {"full": 2e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3}
 
 
 def pretrain(work: Path, steps: int) -> Path:
@@ -54,7 +54,8 @@ def pretrain(work: Path, steps: int) -> Path:
     return base
 
 
-def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int, n_eval: int) -> None:
+def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int, n_eval: int, seq_len: int,
+                    batch_size: int) -> None:
     """Run one method and evaluate it; prints one JSON line (this process's peak memory included)."""
     import torch
 
@@ -69,8 +70,8 @@ def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int,
     cfg = load_config(FinetuneConfig, None, [
         f"--model={base}", f"--method={method}", f"--out_dir={out}", "--data.train=builtin:instruct-tasks",
         f"--data.max_samples={n_train}", "--data.chat_template=chatml", f"--optim.lr={LR[method]}",
-        "--optim.weight_decay=0.0", "--schedule.warmup_steps=30", f"--train.steps={steps}", "--train.batch_size=8",
-        "--train.seq_len=256", "--train.eval_every=0", "--train.progress=false", "--train.threads=1",
+        "--optim.weight_decay=0.0", "--schedule.warmup_steps=30", f"--train.steps={steps}",
+        f"--train.batch_size={batch_size}", f"--train.seq_len={seq_len}", "--train.eval_every=0", "--train.progress=false", "--train.threads=1",
         "--lora.r=16", "--lora.lora_alpha=32", "--lora.target_modules=all-linear"])
     started = time.perf_counter()
     engine = build_engine(cfg)
@@ -116,17 +117,21 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--n-eval", type=int, default=400)
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed row")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        finetune_worker(args.worker[0], args.worker[1], str(args.work), args.sft_steps, args.n_train, args.n_eval)
+        finetune_worker(args.worker[0], args.worker[1], str(args.work), args.sft_steps, args.n_train, args.n_eval,
+                        args.seq_len, args.batch_size)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     base = args.base or pretrain(args.work, args.pretrain_steps)
     for method in args.methods:
         subprocess.run([sys.executable, __file__, "--worker", method, str(base), "--work", str(args.work),
                         "--sft-steps", str(args.sft_steps), "--n-train", str(args.n_train), "--n-eval",
-                        str(args.n_eval)], check=True)
+                        str(args.n_eval), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)],
+                       check=True)
 
 
 if __name__ == "__main__":
