@@ -71,7 +71,7 @@ class LoraLinear(nn.Module):
         dropped = self.lora_dropout(x)
         lora = self.lora_B(self.lora_A(dropped) * self.scaling)  # the scale on the (..., r) tensor: cheaper
         if not self.use_dora:
-            return y.add_(lora)  # in place: no linear's backward needs its own output, so one (..., d_out) buffer less
+            return y + lora  # not in place: a base linear's output may be a view made inside a custom op (oneDNN)
         scale = self.lora_magnitude_vector / self.weight_norm()  # (d_out,)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)

@@ -57,3 +57,13 @@ def test_disabled_adapters_give_the_base_model():
         assert (model(x) - base).abs().max() > 1e-3
         with disable_adapters(model):
             torch.testing.assert_close(model(x), base)
+
+
+def test_lora_trains_over_a_linear_large_enough_for_the_onednn_path():
+    """The base's training GEMM may run in a custom op (lmstack.model.linear) whose output is a view: the
+    adapter must not add into it in place."""
+    from lmstack.model.linear import Linear
+    layer = LoraLinear(Linear(512, 1376).requires_grad_(False), r=4, lora_alpha=8)
+    x = torch.randn(1, 64, 512, requires_grad=True)  # 64 * 512 * 1376 multiply-adds: over the oneDNN threshold
+    layer(x).sum().backward()
+    assert layer.lora_A.weight.grad is not None and x.grad is not None
