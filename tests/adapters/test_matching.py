@@ -63,7 +63,7 @@ def test_lora_trains_over_a_linear_large_enough_for_the_onednn_path():
     """The base's training GEMM may run in a custom op (lmstack.model.linear) whose output is a view: the
     adapter must not add into it in place."""
     from lmstack.model.linear import Linear
-    layer = LoraLinear(Linear(512, 1376).requires_grad_(False), r=4, lora_alpha=8)
+    layer = LoraLinear(Linear(512, 1376, bias=False).requires_grad_(False), r=4, lora_alpha=8)
     x = torch.randn(1, 64, 512, requires_grad=True)  # 64 * 512 * 1376 multiply-adds: over the oneDNN threshold
     layer(x).sum().backward()
     assert layer.lora_A.weight.grad is not None and x.grad is not None
