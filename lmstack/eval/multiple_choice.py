@@ -104,7 +104,7 @@ def evaluate_multiple_choice(model: CausalLM, tokenizer, task: MCTask, shots: in
         samples.append({"where": doc.where, "subject": doc.subject, "context": context, "choices": doc.choices,
                         "gold": doc.gold, "loglikelihoods": lls, "is_greedy": [s.greedy for s in item_scores],
                         "pred": pred, "pred_norm": pred_norm, "acc": acc[-1], "acc_norm": acc_norm[-1]})
-    subjects = [doc.subject for doc in task.docs[:len(items)]]
+    subjects = [doc.subject if task.report_subjects else "" for doc in task.docs[:len(items)]]
     info = {"items": len(items), "shots": shots, "items_with_fewer_shots": sum(u < shots for u in used),
             "truncated": scorer.stats.truncated, "skipped": task.skipped, "forwards": scorer.stats.forwards,
             "tokens_run": scorer.stats.tokens_run, "seconds": round(seconds, 3),

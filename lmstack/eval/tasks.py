@@ -50,6 +50,7 @@ class MCTask:
     default_shots: int = 0
     fewshot_order: str = "first_n"  # dev split: its first k ("first_n"), or "random" (seeded per item)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> items left out while reading
+    report_subjects: bool = True  # per-subject scores (HellaSwag's activity labels only pick few-shot examples)
 
 
 @dataclass
@@ -125,7 +126,7 @@ def read_hellaswag(path: Path) -> MCTask:
             label = context.split(":", 1)[0] if ":" in context else ""
             docs.append(MCDoc(hellaswag_preprocess(context), [hellaswag_preprocess(e) for e in endings],
                               check_gold(gold.strip(), 4, f"{path}:{start + 2}"), label, where))
-    return MCTask("hellaswag", docs)
+    return MCTask("hellaswag", docs, report_subjects=False)
 
 
 # ------------------------------------------------------------------------------------------- MMLU
