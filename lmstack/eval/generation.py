@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmstack.errors import DataError
-from lmstack.eval.fewshot import build_context, select_shots
+from lmstack.eval.fewshot import ShotPicker, build_context
 from lmstack.eval.files import read_jsonl, read_text, require
 from lmstack.eval.metrics import (INVALID, corpus_bleu, gsm8k_flexible, gsm8k_normalize, gsm8k_strict, rouge,
                                   squad_exact_match, squad_f1)
@@ -71,9 +71,10 @@ GENERATION_READERS = {"gsm8k": read_gsm8k, "squad": read_squad}
 def build_prompts(task: GenTask, shots: int, limit: int | None, seed: int = 1234) -> tuple[list[str], list[int]]:
     prompts, used = [], []
     count = len(task.docs) if limit is None else min(limit, len(task.docs))
+    picker = ShotPicker(task.docs, task.fewshot, task.fewshot_order, seed)
     for index in range(count):
         doc = task.docs[index]
-        examples = select_shots(index, task.docs, task.fewshot, shots, task.fewshot_order, seed)
+        examples = picker.pick(index, shots)
         prompts.append(build_context(doc.query, [(e.query, e.fewshot_target) for e in examples],
                                      task.descriptions.get(doc.subject, ""), task.target_delimiter,
                                      task.fewshot_delimiter))

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from lmstack.errors import DataError, TokenizerError
-from lmstack.eval.fewshot import build_context, select_shots
+from lmstack.eval.fewshot import ShotPicker, build_context
 from lmstack.eval.loglikelihood import Item, Scorer
 from lmstack.eval.report import TaskResult, mean_metric, per_subject
 from lmstack.eval.tasks import MCTask
@@ -66,9 +66,10 @@ def build_items(task: MCTask, tokenizer, shots: int, limit: int | None = None,
     """Score requests for the first `limit` items: (Items, their context texts, the shots each got)."""
     contexts, continuations, used = [], [], []
     count = len(task.docs) if limit is None else min(limit, len(task.docs))
+    picker = ShotPicker(task.docs, task.fewshot, task.fewshot_order, seed)
     for index in range(count):
         doc = task.docs[index]
-        examples = select_shots(index, task.docs, task.fewshot, shots, task.fewshot_order, seed)
+        examples = picker.pick(index, shots)
         contexts.append(build_context(doc.query, [(e.query, e.choices[e.gold]) for e in examples],
                                       task.descriptions.get(doc.subject, ""), task.target_delimiter,
                                       task.fewshot_delimiter))
