@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import DataError, InputFileError
-from lmstack.eval.files import read_csv, read_jsonl, read_lines, read_text, require
+from lmstack.eval.files import read_csv, read_jsonl, read_text, require
 
 
 @dataclass
@@ -105,7 +105,8 @@ def read_hellaswag(path: Path) -> MCTask:
     """HellaSwag from its JSONL or the 6-line text form. Few-shot: other items with the same activity label
     (there is no dev split beside the validation file)."""
     docs: list[MCDoc] = []
-    if read_text(path).lstrip().startswith("{"):
+    text = read_text(path)
+    if text.lstrip().startswith("{"):
         for number, record in read_jsonl(path):
             where = f"{path}:{number}"
             endings = require(record, "endings", list, where)
@@ -114,7 +115,7 @@ def read_hellaswag(path: Path) -> MCTask:
             docs.append(MCDoc(hellaswag_preprocess(label + ": " + ctx), [hellaswag_preprocess(e) for e in endings],
                               check_gold(record.get("label"), len(endings), where), label, where))
     else:
-        lines = read_lines(path)
+        lines = text.splitlines()
         while lines and not lines[-1].strip():
             lines.pop()
         if len(lines) % 6:
