@@ -23,8 +23,16 @@ from pathlib import Path
 from lmstack.errors import DataError
 from lmstack.eval.fewshot import ShotPicker, build_context
 from lmstack.eval.files import read_jsonl, read_text, require
-from lmstack.eval.metrics import (INVALID, corpus_bleu, gsm8k_flexible, gsm8k_normalize, gsm8k_strict, rouge,
-                                  squad_exact_match, squad_f1)
+from lmstack.eval.metrics import (
+    INVALID,
+    corpus_bleu,
+    gsm8k_flexible,
+    gsm8k_normalize,
+    gsm8k_strict,
+    rouge,
+    squad_exact_match,
+    squad_f1,
+)
 from lmstack.eval.report import Metric, TaskResult, mean_metric, per_subject
 from lmstack.eval.tasks import GenDoc, GenTask
 

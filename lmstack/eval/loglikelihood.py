@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lmstack.device import autocast, resolve_precision
 from lmstack.errors import DataError

@@ -193,4 +193,4 @@ def run_eval(config: EvalConfig, progress: Callable[[int], None] | None = None,
     return record, result
 
 
-__all__ = ["EvalConfig", "MC_TASKS", "TASKS", "evaluate", "load", "run_eval"]
+__all__ = ["MC_TASKS", "TASKS", "EvalConfig", "evaluate", "load", "run_eval"]

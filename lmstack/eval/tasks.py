@@ -262,5 +262,20 @@ def read_task(name: str, path: str | Path) -> MCTask:
     return task
 
 
-__all__ = ["GenDoc", "GenTask", "LETTERS", "MCDoc", "MCTask", "READERS", "check_gold", "hellaswag_preprocess", "mmlu_description",
-           "mmlu_query", "read_arc", "read_hellaswag", "read_mmlu", "read_mmlu_redux", "read_task"]
+__all__ = [
+    "LETTERS",
+    "READERS",
+    "GenDoc",
+    "GenTask",
+    "MCDoc",
+    "MCTask",
+    "check_gold",
+    "hellaswag_preprocess",
+    "mmlu_description",
+    "mmlu_query",
+    "read_arc",
+    "read_hellaswag",
+    "read_mmlu",
+    "read_mmlu_redux",
+    "read_task",
+]

@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from lmstack.eval.multiple_choice import evaluate_multiple_choice  # noqa: E402
-from lmstack.eval.perplexity import evaluate_perplexity, read_documents  # noqa: E402
-from lmstack.eval.taskfile import load_task_file  # noqa: E402
+from lmstack.eval.multiple_choice import evaluate_multiple_choice
+from lmstack.eval.perplexity import evaluate_perplexity, read_documents
+from lmstack.eval.taskfile import load_task_file
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,7 @@ def files(tmp_path_factory, shared_data, hellaswag_task):
     task = hellaswag_task
     for name, docs in (("test", task.docs[3:15]), ("dev", task.docs[:3])):
         with open(root / f"{name}.jsonl", "w") as f:
-            for d in docs:
-                f.write(json.dumps({"query": d.query, "choices": d.choices, "label": d.gold}) + "\n")
+            f.writelines(json.dumps({"query": d.query, "choices": d.choices, "label": d.gold}) + "\n" for d in docs)
     text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
     with open(root / "text.jsonl", "w") as f:
         for i in range(3):  # 2,000-2,600 characters: several 256-token windows each

@@ -7,9 +7,20 @@ import math
 
 import pytest
 
-from lmstack.eval.metrics import (bits_per_byte, corpus_bleu, count_words, gsm8k_flexible, gsm8k_normalize,
-                                  gsm8k_strict, mean_stderr, pass_at_k, rouge, squad_exact_match, squad_f1,
-                                  weighted_perplexity)
+from lmstack.eval.metrics import (
+    bits_per_byte,
+    corpus_bleu,
+    count_words,
+    gsm8k_flexible,
+    gsm8k_normalize,
+    gsm8k_strict,
+    mean_stderr,
+    pass_at_k,
+    rouge,
+    squad_exact_match,
+    squad_f1,
+    weighted_perplexity,
+)
 
 
 def test_pass_at_k_is_human_evals_estimator():

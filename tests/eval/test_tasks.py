@@ -46,7 +46,7 @@ def test_mmlu_csv_layout_five_shots_from_dev(tmp_path, tiny):
     assert doc.query == "Qtest1, with a comma\nA. a1\nB. b1\nC. c1\nD. d1\nAnswer:" and doc.gold == 1
     shots = select_shots(1, task.docs, task.fewshot, 5)
     assert [s.query.split("\n")[0] for s in shots] == [f"Qdev{i}, with a comma" for i in range(5)]  # first_n
-    items, contexts, used = build_items(task, tiny[1], 5)
+    _, contexts, used = build_items(task, tiny[1], 5)
     assert contexts[0].startswith("The following are multiple choice questions (with answers) about high school "
                                   "physics.\n\nQdev0, with a comma\nA. a0\nB. b0\nC. c0\nD. d0\nAnswer: A\n\nQdev1")
     assert contexts[0].endswith("\n\nQtest0, with a comma\nA. a0\nB. b0\nC. c0\nD. d0\nAnswer:") and used == [5] * 3
