@@ -128,6 +128,6 @@ def test_config_errors_name_the_key(tmp_path: Path):
     with pytest.raises(ConfigError, match="unknown key model.hiden_size"):
         build_model_config({"hiden_size": 3}, 66, 65)
     with pytest.raises(ConfigError, match=r"model.vocab_size \(10\) is smaller than the data's vocab_size \(66\)"):
-        build_model_config({"preset": "llama-tiny", "vocab_size": 10}, 66, 65)
+        build_model_config({"preset": "llama-tiny", "vocab_size": 10, "eos_token_id": 2}, 66, 65)
     with pytest.raises(ConfigError, match="model.preset: unknown preset 'nope'"):
         build_model_config({"preset": "nope"}, 66, 65)
