@@ -3,14 +3,14 @@
 Model: a Llama-style 4.5M-parameter model (vocab 4096, width 256, 4 layers, 4/2 heads, SwiGLU 688, context 512:
 the quickstart's size) with a byte-level BPE trained on HellaSwag text, saved once with lmstack.save_model;
 lm-eval loads that directory through transformers. Task: the first --items HellaSwag validation items
-(0-shot, lm-eval's hellaswag preprocessing), the same context and " " + ending continuations for both.
+(0- and 5-shot, lm-eval's hellaswag preprocessing, examples from other items of the same activity), the same context and " " + ending continuations for both.
 Both sides are timed from text to log-likelihoods (tokenization included): lmstack's
 `evaluate_multiple_choice`, lm-eval's `HFLM.loglikelihood` on the identical (context, continuation) requests.
 Batch size: --batch-size for both (lm-eval counts (context, ending) requests per forward, lmstack items,
 each item's 4 endings share one context pass); --peer-batch-size sets lm-eval's separately. Best of --repeats
 interleaved runs; the max log-likelihood difference and the agreement of acc / acc_norm are checked too.
 
-Prints one JSON line.
+Prints one JSON line per --shots value (default 0 and 5: few-shot prompts make the shared context longer).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--shots", type=int, nargs="+", default=[0, 5], help="one JSON line per few-shot count")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,53 +77,55 @@ def main() -> None:
         build_model(directory, task)
         model, tokenizer = lmstack.load_model(directory).eval(), Tokenizer.load(directory)
 
-        def ours():
-            return evaluate_multiple_choice(model, tokenizer, task, shots=0, limit=args.items,
-                                            batch_size=args.batch_size)
-
-        result = ours()  # warm-up; also gives the requests the peer scores
-        requests = [(s["context"], " " + c) for s in result.samples for c in s["choices"]]
-
         from lm_eval.api.instance import Instance
         from lm_eval.models.huggingface import HFLM
 
         peer_batch = args.peer_batch_size or args.batch_size
         peer = HFLM(pretrained=str(directory), batch_size=peer_batch, device="cpu")
-        instances = [Instance("loglikelihood", {}, req, i) for i, req in enumerate(requests)]
+        for shots in args.shots:
+            print(json.dumps(measure(model, tokenizer, peer, Instance, task, shots, args, peer_batch)), flush=True)
 
-        def theirs():
-            return peer.loglikelihood(instances, disable_tqdm=True)
 
-        peer_out = theirs()  # warm-up
-        best_ours, best_theirs = float("inf"), float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            result = ours()
-            best_ours = min(best_ours, time.perf_counter() - start)
-            start = time.perf_counter()
-            peer_out = theirs()
-            best_theirs = min(best_theirs, time.perf_counter() - start)
+def measure(model, tokenizer, peer, Instance, task, shots: int, args, peer_batch: int) -> dict:
+    def ours():
+        return evaluate_multiple_choice(model, tokenizer, task, shots=shots, limit=args.items,
+                                        batch_size=args.batch_size)
+
+    result = ours()  # warm-up; also gives the requests the peer scores
+    requests = [(s["context"], " " + c) for s in result.samples for c in s["choices"]]
+    instances = [Instance("loglikelihood", {}, req, i) for i, req in enumerate(requests)]
+
+    def theirs():
+        return peer.loglikelihood(instances, disable_tqdm=True)
+
+    peer_out = theirs()  # warm-up
+    best_ours, best_theirs = float("inf"), float("inf")
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        result = ours()
+        best_ours = min(best_ours, time.perf_counter() - start)
+        start = time.perf_counter()
+        peer_out = theirs()
+        best_theirs = min(best_theirs, time.perf_counter() - start)
 
     peer_lls = [ll for ll, _ in peer_out]
     ours_lls = [ll for s in result.samples for ll in s["loglikelihoods"]]
-    agree_acc = agree_norm = 0
-    at = 0
+    agree_acc = agree_norm = at = 0
     for s in result.samples:
         theirs_item = peer_lls[at:at + len(s["choices"])]
         at += len(s["choices"])
         agree_acc += argmax(theirs_item) == s["pred"]
         agree_norm += argmax([ll / len(c) for ll, c in zip(theirs_item, s["choices"])]) == s["pred_norm"]
     n = len(result.samples)
-    print(json.dumps({
-        "benchmark": "eval_multiple_choice", "task": "hellaswag (0-shot, validation)", "items": n,
-        "choices": len(requests), "batch_size": args.batch_size, "peer_batch_size": peer_batch,
-        "lmstack_items_per_s": round(n / best_ours, 2), "peer": "lm-eval hf backend",
-        "peer_items_per_s": round(n / best_theirs, 2), "ratio": round(best_theirs / best_ours, 2),
-        "max_abs_loglikelihood_diff": max(abs(a - b) for a, b in zip(ours_lls, peer_lls)),
-        "same_predictions": {"acc": agree_acc / n, "acc_norm": agree_norm / n},
-        "lmstack_tokens_run": result.info["tokens_run"], "threads": torch.get_num_threads(),
-        "params": sum(p.numel() for p in model.parameters()), "cpu": cpu(), "python": sys.version.split()[0],
-        "torch": torch.__version__}))
+    return {"benchmark": "eval_multiple_choice", "task": f"hellaswag ({shots}-shot, validation)", "items": n,
+            "choices": len(requests), "batch_size": args.batch_size, "peer_batch_size": peer_batch,
+            "lmstack_items_per_s": round(n / best_ours, 2), "peer": "lm-eval hf backend",
+            "peer_items_per_s": round(n / best_theirs, 2), "ratio": round(best_theirs / best_ours, 2),
+            "max_abs_loglikelihood_diff": max(abs(a - b) for a, b in zip(ours_lls, peer_lls)),
+            "same_predictions": {"acc": agree_acc / n, "acc_norm": agree_norm / n},
+            "lmstack_tokens_run": result.info["tokens_run"], "threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in model.parameters()), "cpu": cpu(), "python": sys.version.split()[0],
+            "torch": torch.__version__}
 
 
 if __name__ == "__main__":
