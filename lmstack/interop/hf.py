@@ -159,6 +159,10 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
     """A Hugging Face / lmstack model directory, or a preset name (random init, `overrides` applied)."""
     path = Path(path_or_preset)
     if path.is_dir():
+        hf = read_json(path / "config.json", CheckpointError, "not found; a model directory needs config.json")
+        if isinstance(hf, dict) and "quantization_config" in hf:  # written by `lmstack quantize`
+            from lmstack.quant.checkpoint import load_quantized
+            return load_quantized(path, hf, device)
         config = read_config(path)
         state = load_state_dict(path, config)
         with torch.device("meta"):
