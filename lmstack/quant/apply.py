@@ -20,7 +20,8 @@ from torch import nn
 
 from lmstack.errors import ConfigError
 from lmstack.quant.formats import SUPPORTED_BITS, check_group_size, quantize_rtn
-from lmstack.quant.linear import QUANTIZED_MODULES, Int8DynamicLinear, IntLinear, NF4Linear
+from lmstack.quant.linear import (QUANTIZED_MODULES, Int8DynamicLinear, IntLinear, NF4Linear, swap_module,
+                                  target_linears)
 from lmstack.quant.nf4 import quantize_nf4
 
 METHODS = ("rtn", "nf4", "fp4", "gptq", "awq", "smoothquant", "dynamic", "qat")
@@ -77,21 +78,6 @@ class QuantReport:
     def quantized_bytes_per_parameter(self) -> float:
         """Bytes per parameter of the quantized layers alone (codes + scales + zero points)."""
         return self.quantized_bytes / max(self.quantized_parameters, 1)
-
-
-def target_linears(model: nn.Module, include_head: bool = False) -> dict[str, nn.Linear]:
-    """Full name -> linear leaf that quantization replaces (block linears, and the head when asked and untied)."""
-    targets = {name: m for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.startswith("model.layers.")}
-    tied = model.lm_head.weight is model.model.embed_tokens.weight if isinstance(model.lm_head, nn.Linear) else False
-    if include_head and isinstance(model.lm_head, nn.Linear) and not tied:
-        targets["lm_head"] = model.lm_head
-    return targets
-
-
-def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
 def model_nbytes(model: nn.Module) -> tuple[int, int]:
@@ -177,4 +163,4 @@ def quantization_config(cfg: QuantConfig) -> dict:
 
 
 __all__ = ["FORMAT_VERSION", "METHODS", "QuantConfig", "QuantReport", "model_nbytes", "quantization_config",
-           "quantize_model", "swap_module", "target_linears"]
+           "quantize_model"]

@@ -35,8 +35,8 @@ from lmstack.atomic import atomic_dir
 from lmstack.errors import CheckpointError
 from lmstack.interop.hf_config import config_from_hf, config_to_hf
 from lmstack.model.transformer import Transformer
-from lmstack.quant.apply import FORMAT_VERSION, swap_module
-from lmstack.quant.linear import Int8DynamicLinear, IntLinear, NF4Linear
+from lmstack.quant.apply import FORMAT_VERSION
+from lmstack.quant.linear import Int8DynamicLinear, IntLinear, NF4Linear, swap_module
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

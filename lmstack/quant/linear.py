@@ -206,5 +206,22 @@ class Int8DynamicLinear(nn.Module):
 
 QUANTIZED_MODULES = (IntLinear, NF4Linear, Int8DynamicLinear)
 
+
+def target_linears(model: nn.Module, include_head: bool = False) -> dict[str, nn.Linear]:
+    """Full name -> linear leaf that quantization replaces (block linears, and the head when asked and untied)."""
+    targets = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.startswith("model.layers.")}
+    tied = model.lm_head.weight is model.model.embed_tokens.weight if isinstance(model.lm_head, nn.Linear) else False
+    if include_head and isinstance(model.lm_head, nn.Linear) and not tied:
+        targets["lm_head"] = model.lm_head
+    return targets
+
+
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called `name` (e.g. "model.layers.0.mlp.up_proj") by `module`."""
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
 __all__ = ["INT4_KERNEL_GROUPS", "IntLinear", "Int8DynamicLinear", "NF4Linear", "QUANTIZED_MODULES",
-           "quantize_per_token"]
+           "quantize_per_token", "swap_module", "target_linears"]
