@@ -26,6 +26,7 @@ VERBS: dict[str, str] = {
     "generate": "lmstack.cli.generate:main",
     "chat": "lmstack.cli.chat:main",
     "quantize": "lmstack.cli.quantize:main",
+    "export": "lmstack.cli.export:main",
 }
 
 
