@@ -91,6 +91,12 @@ class IntLinear(nn.Module):
         module._build_kernel()
         return module
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (N, K) weight, computed on each access (for code that reads `.weight.device` / `.dtype`
+        of whatever sits at a linear's place, e.g. a quantized lm_head during generation)."""
+        return self.int_weight().dequantize()
+
     def int_weight(self) -> IntWeight:
         return IntWeight(unpack(self.qweight, self.bits, self.in_features), self.scales, self.zeros, self.bits,
                          self.group_size)
@@ -165,6 +171,11 @@ class NF4Linear(nn.Module):
         _bias_buffer(module, bias)
         return module
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (N, K) weight, computed on each access (see IntLinear.weight)."""
+        return self.nf4_weight().dequantize()
+
     def nf4_weight(self) -> NF4Weight:
         state = {"packed": self.packed, "absmax": self.absmax, "dq_absmax": self.dq_absmax,
                  "dq_offset": self.dq_offset}
@@ -214,6 +225,11 @@ class Int8DynamicLinear(nn.Module):
         _bias_buffer(module, bias)
         module._build_kernel()
         return module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (N, K) weight, computed on each access (see IntLinear.weight)."""
+        return self.qweight.float() * self.scales[:, None]
 
     def _build_kernel(self) -> None:
         self.register_buffer("qweight_t", self.qweight.t().contiguous(), persistent=False)  # (K, N) for _int_mm

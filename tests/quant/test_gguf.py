@@ -78,3 +78,27 @@ def test_export_cli(llama_dir, tmp_path):
                              "--type", "q4_0", "--out", str(tmp_path / "m.gguf")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "q4_0" in result.stdout and (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_file_with_lmstacks_tokens_and_greedy_text(llama_dir, tmp_path):
+    """llama-cpp-python (pip builds llama.cpp from source; slow) loads the f32 export: same tokens for a
+    text, same greedy continuation."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lmstack.tokenizer import Tokenizer
+
+    model = lmstack.load_model(llama_dir).eval()
+    tok = Tokenizer.load(llama_dir)
+    path = tmp_path / "model-f32.gguf"
+    export_gguf(model, llama_dir, path, "f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=False, n_threads=1)
+    text = "The quick brown fox, def f(x): return x"
+    ids = tok.encode(text)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    ours = lmstack.generate(model, None, [ids], max_new_tokens=16, ignore_eos=True).token_ids[0]
+    theirs = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == 16:
+            break
+    assert theirs == ours

@@ -130,3 +130,11 @@ def test_bad_input_messages(tiny, tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="quant_method is 'gptq'"):
         lmstack.load_model(tmp_path / "q")
+
+
+def test_quantized_head_generates(tiny):
+    assert not tiny.config.tie_word_embeddings
+    quantize_model(tiny, QuantConfig("rtn", 4, 32, include_head=True))
+    assert isinstance(tiny.lm_head, IntLinear)
+    out = lmstack.generate(tiny, None, [[1, 2, 3]], max_new_tokens=4, ignore_eos=True)
+    assert len(out.token_ids[0]) == 4
