@@ -45,7 +45,7 @@ def cpu_description() -> dict:
 
 
 def run(model: lmstack.Transformer, ids: torch.Tensor, repeats: int) -> dict[str, float]:
-    go = lambda: lmstack.generate(model, None, ids, max_new_tokens=NEW, ignore_eos=True, compile=True)  # noqa: E731
+    go = lambda: lmstack.generate(model, None, ids, max_new_tokens=NEW, ignore_eos=True, compile=True)
     start = time.perf_counter()
     go()
     first_call_s = time.perf_counter() - start

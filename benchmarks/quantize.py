@@ -118,7 +118,8 @@ def main() -> None:
         ppl = math.exp(mean_nll(model, held_out))
         results[name] = {"perplexity": ppl, "bytes_per_parameter": report.bytes_per_parameter}
         print(json.dumps({"benchmark": "quantize", "method": name, "perplexity": round(ppl, 4),
-                          "increase": round(ppl - fp_ppl, 4), "bytes_per_parameter": round(report.bytes_per_parameter, 4),
+                          "increase": round(ppl - fp_ppl, 4),
+                          "bytes_per_parameter": round(report.bytes_per_parameter, 4),
                           "quantized_bytes_per_parameter": round(report.quantized_bytes_per_parameter, 4),
                           "quantize_s": round(seconds, 1), "decode_tok_s": round(decode_tok_s(model, seq_len), 1),
                           "load_average_1m": round(os.getloadavg()[0], 1), **extra, **common}), flush=True)

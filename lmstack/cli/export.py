@@ -14,14 +14,16 @@ def main(argv: list[str]) -> int:
     """Export a model to another format: `lmstack export gguf --model DIR --type q8_0 --out FILE.gguf`."""
     parser = argparse.ArgumentParser(prog="lmstack export", description=main.__doc__)
     parser.add_argument("format", choices=["gguf"], help="the output format")
-    parser.add_argument("--model", required=True, help="a full-precision Llama-family model directory with its tokenizer")
+    parser.add_argument("--model", required=True,
+                        help="a full-precision Llama-family model directory with its tokenizer")
     parser.add_argument("--type", default="q8_0", choices=TYPES, help="tensor type [q8_0]")
     parser.add_argument("--out", required=True, help="the .gguf file to write")
     args = parser.parse_args(argv)
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ConfigError("GGUF export needs the gguf package: pip install 'lmstack[gguf]' (or pip install gguf)") from None
+        raise ConfigError("GGUF export needs the gguf package: pip install 'lmstack[gguf]' "
+                          "(or pip install gguf)") from None
     model = load_model(args.model).eval()
     counts = export_gguf(model, args.model, args.out, args.type)
     size = Path(args.out).stat().st_size

@@ -1,4 +1,4 @@
-"""`lmstack quantize`: quantize a model directory (RTN, NF4/FP4, GPTQ, AWQ, SmoothQuant, dynamic, QAT, mixed precision)."""
+"""`lmstack quantize`: quantize a model directory (RTN, NF4/FP4, GPTQ, AWQ, SmoothQuant, dynamic, QAT, mixed bits)."""
 
 from __future__ import annotations
 

@@ -20,8 +20,7 @@ from torch import nn
 
 from lmstack.errors import ConfigError
 from lmstack.quant.formats import SUPPORTED_BITS, check_group_size, quantize_rtn
-from lmstack.quant.linear import (QUANTIZED_MODULES, Int8DynamicLinear, IntLinear, NF4Linear, swap_module,
-                                  target_linears)
+from lmstack.quant.linear import QUANTIZED_MODULES, Int8DynamicLinear, IntLinear, NF4Linear, swap_module, target_linears
 from lmstack.quant.nf4 import quantize_nf4
 
 METHODS = ("rtn", "nf4", "fp4", "gptq", "awq", "smoothquant", "dynamic", "qat")

@@ -87,7 +87,7 @@ def awq_model(model: nn.Module, tokens: torch.Tensor, bits_for: dict[str, int], 
                 continue
             bits = bits_for[prefix + consumers[0]]
             seen: list[torch.Tensor] = []
-            record_inputs(block, walk, [consumers[0]], lambda name, x: seen.append(x.reshape(-1, x.shape[-1])))
+            record_inputs(block, walk, [consumers[0]], lambda _, x, out=seen: out.append(x.reshape(-1, x.shape[-1])))
             x = torch.cat(seen)
             x = x[torch.linspace(0, x.shape[0] - 1, min(MAX_TOKENS, x.shape[0])).long()]  # (n, K)
             s, _ = search_scales(x, [modules[c].weight for c in consumers], bits, group_size, grid)

@@ -43,7 +43,7 @@ def _divisor_hint(k: int) -> int:
 
 
 def qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of w (..., k) over its last dim -> (scale (...,) fp32, zero (...,) fp32 integers)."""
+    """Scale and zero point of each row of w (..., k) -> (scale (...,) fp32, zero (...,) fp32 holding integers)."""
     maxq = 2**bits - 1
     w = w.float()
     if symmetric:
@@ -148,5 +148,13 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     raise ConfigError(f"cannot unpack {bits}-bit codes")
 
 
-__all__ = ["IntWeight", "SUPPORTED_BITS", "check_group_size", "pack", "qparams", "quantize_codes", "quantize_rtn",
-           "unpack"]
+__all__ = [
+    "SUPPORTED_BITS",
+    "IntWeight",
+    "check_group_size",
+    "pack",
+    "qparams",
+    "quantize_codes",
+    "quantize_rtn",
+    "unpack",
+]

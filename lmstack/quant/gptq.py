@@ -137,4 +137,4 @@ def gptq_model(model: nn.Module, tokens: torch.Tensor, bits_for: dict[str, int],
     return results
 
 
-__all__ = ["HessianAccumulator", "LINEARS", "block_linears", "gptq_model", "gptq_quantize"]
+__all__ = ["LINEARS", "HessianAccumulator", "block_linears", "gptq_model", "gptq_quantize"]

@@ -51,7 +51,8 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 
 
 @torch.library.custom_op("lmstack::int4_weight_mm", mutates_args=())
-def int4_weight_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+def int4_weight_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int,
+                   scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ W^T, W from torch's CPU int4 packing: (N, K/2) uint8 and (K/group, N, 2) scales / offsets
     (in x's dtype)."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
@@ -274,5 +275,13 @@ def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-__all__ = ["INT4_KERNEL_GROUPS", "IntLinear", "Int8DynamicLinear", "NF4Linear", "QUANTIZED_MODULES",
-           "quantize_per_token", "swap_module", "target_linears"]
+__all__ = [
+    "INT4_KERNEL_GROUPS",
+    "QUANTIZED_MODULES",
+    "Int8DynamicLinear",
+    "IntLinear",
+    "NF4Linear",
+    "quantize_per_token",
+    "swap_module",
+    "target_linears",
+]

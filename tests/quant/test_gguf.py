@@ -45,7 +45,8 @@ def llama_dir(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("qtype,tolerance", [("f32", 1e-4), ("q8_0", 0.02), ("q4_0", 0.3)])
+@pytest.mark.parametrize("qtype,tolerance", [pytest.param("f32", 1e-4, marks=pytest.mark.slow), ("q8_0", 0.02),
+                                             pytest.param("q4_0", 0.3, marks=pytest.mark.slow)])
 def test_transformers_reads_the_file_and_its_logits_match(llama_dir, tmp_path, qtype, tolerance):
     transformers = pytest.importorskip("transformers")
     model = lmstack.load_model(llama_dir).eval()
@@ -75,7 +76,8 @@ def test_unsupported_models_are_refused(tmp_path, llama_dir):
 
 def test_export_cli(llama_dir, tmp_path):
     result = subprocess.run([sys.executable, "-m", "lmstack", "export", "gguf", "--model", str(llama_dir),
-                             "--type", "q4_0", "--out", str(tmp_path / "m.gguf")], capture_output=True, text=True)
+                             "--type", "q4_0", "--out", str(tmp_path / "m.gguf")], capture_output=True, text=True,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "q4_0" in result.stdout and (tmp_path / "m.gguf").exists()
 
