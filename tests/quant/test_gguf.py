@@ -65,7 +65,8 @@ def test_transformers_reads_the_file_and_its_logits_match(llama_dir, tmp_path, q
 
 
 def test_unsupported_models_are_refused(tmp_path, llama_dir):
-    gpt2 = lmstack.Transformer(lmstack.preset("gpt2", num_layers=1, hidden_size=64, num_heads=2, vocab_size=300))
+    gpt2 = lmstack.Transformer(lmstack.preset("gpt2", num_layers=1, hidden_size=64, num_heads=2, vocab_size=300,
+                                              bos_token_id=None, eos_token_id=None))
     with pytest.raises(ConfigError, match="GGUF export supports Llama-family models; this one has "
                                           "position_kind=learned"):
         export_gguf(gpt2, llama_dir, tmp_path / "x.gguf", "q8_0")
