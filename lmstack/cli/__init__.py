@@ -26,6 +26,8 @@ VERBS: dict[str, str] = {
     "generate": "lmstack.cli.generate:main",
     "chat": "lmstack.cli.chat:main",
     "eval": "lmstack.cli.eval:main",
+    "quantize": "lmstack.cli.quantize:main",
+    "export": "lmstack.cli.export:main",
 }
 
 
