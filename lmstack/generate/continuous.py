@@ -107,6 +107,8 @@ class ContinuousBatch:
         if len(prompts) > len(free):
             raise GenerationError(f"{len(prompts)} prompts but {len(free)} free rows of {self.session.rows}: "
                                   "wait for a request to finish or release one")
+        if config.stop and self.tokenizer is None:
+            raise GenerationError("stop strings are matched on decoded text: give the batch a tokenizer")
         vocab, S = self.model.config.vocab_size, self.session.cache_len
         for i, prompt in enumerate(prompts):
             if not prompt:
@@ -126,7 +128,7 @@ class ContinuousBatch:
         self._logits.index_copy_(0, index, logits)
         eos_ids = resolve_eos_ids(self.model, self.tokenizer, config)
         for row, prompt in zip(rows, prompts):
-            room = min(config.max_new_tokens, S - len(prompt))  # the context ends a row early: finish "length"
+            room = min(config.max_new_tokens, S - len(prompt))  # a full row finishes early: "length"
             self._sequences[row] = SequenceState(self.tokenizer, prompt, eos_ids, config.stop, room)
         counts = TokenCounts.from_prompts([list(p) for p in prompts], logits.shape[-1], device) \
             if config.uses_penalties else None
