@@ -168,7 +168,12 @@ class Server:
         open_choices = len(job.prompts) * job.n
         try:
             while open_choices:
-                event = await queue.get()
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():  # the client left and the job is cancelled: nobody to answer
+                    getter.cancel()
+                    raise APIError(499, "the client closed the request")
+                event = getter.result()
                 if event.error:
                     raise APIError(500, event.error)
                 events.setdefault(event.index, []).append(event)

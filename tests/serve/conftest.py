@@ -30,8 +30,8 @@ def tiny_model_dir(tmp_path_factory):
     import lmstack
     from lmstack.tokenizer import train_tokenizer
 
-    texts = list(pydoc_data.topics.topics.values())[:40] + ["héllo wörld ünïcödé 日本語のテキスト ✓✓✓ 🙂 ñandú"] * 5
-    tokenizer = train_tokenizer(iter(texts), "bpe", 400, chat_template="chatml")
+    # English only: a CJK character encodes to several byte tokens (the U+FFFD test needs one split)
+    tokenizer = train_tokenizer(iter(list(pydoc_data.topics.topics.values())[:40]), "bpe", 400, chat_template="chatml")
     torch.manual_seed(0)
     model = lmstack.Transformer(lmstack.preset("llama-tiny", vocab_size=tokenizer.vocab_size,
                                                eos_token_id=tokenizer.eos_token_id, init_std=0.2))
