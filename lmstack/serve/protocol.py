@@ -9,7 +9,7 @@ the few that change nothing here (`user`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 # Sampling extras that vLLM accepts beside OpenAI's fields (the openai client sends them as extra_body).
 EXTRA_SAMPLING = ("top_k", "min_p", "repetition_penalty", "ignore_eos")
@@ -19,8 +19,8 @@ MAX_LOGPROBS = 20
 class APIError(Exception):
     """An error answered as OpenAI's error JSON with an HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             429: "rate_limit_error", 503: "service_unavailable"}
+    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error",
+                                       404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)

@@ -11,8 +11,16 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lmstack.serve.protocol import APIError, ChatRequest, CompletionRequest
-from lmstack.serve.responses import (FINISH, ChunkWriter, CompletionLogprobs, chat_body, chat_logprob_entry,
-                                     completion_body, new_id, sse)
+from lmstack.serve.responses import (
+    FINISH,
+    ChunkWriter,
+    CompletionLogprobs,
+    chat_body,
+    chat_logprob_entry,
+    completion_body,
+    new_id,
+    sse,
+)
 from lmstack.serve.scheduler import Event, Job
 
 if TYPE_CHECKING:

@@ -23,8 +23,7 @@ def error_of(response, status: int) -> dict:
     return error
 
 
-def test_400_bodies_name_the_field(server, tiny):
-    model, tok = tiny
+def test_400_bodies_name_the_field(server):
     url = server.url + "/v1/completions"
     error = error_of(httpx.post(url, json={"prompt": "hi", "temperature": -1}), 400)
     assert error["param"] == "temperature" and "-1" in error["message"] and error["type"] == "invalid_request_error"

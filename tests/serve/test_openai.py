@@ -12,7 +12,7 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import lmstack  # noqa: E402
+import lmstack
 
 PROMPT = "The list of statements"
 CHAT = [{"role": "system", "content": "You answer in one line."}, {"role": "user", "content": "What is a tuple?"}]
@@ -74,8 +74,7 @@ def test_chat_greedy_equals_generate_alone_and_among_15_others(server, tiny):
     assert server.scheduler.rows_used == 0
 
 
-def test_chat_stream_chunk_rules(server, tiny):
-    model, tok = tiny
+def test_chat_stream_chunk_rules(server):
     body = {"model": "tiny", "messages": CHAT, "max_tokens": 8, "temperature": 0, "n": 2, "stream": True,
             "stream_options": {"include_usage": True}}
     response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
@@ -137,7 +136,7 @@ def test_echo_scores_the_prompt_like_a_forward_pass(server, tiny):
 
 def test_seeded_samples_repeat_and_n_differs(server):
     c = client(server)
-    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=7)
+    kwargs = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 7}
     a, b = c.completions.create(n=3, **kwargs), c.completions.create(n=3, **kwargs)
     assert [x.text for x in a.choices] == [x.text for x in b.choices]
     assert len({x.text for x in a.choices}) > 1

@@ -11,7 +11,7 @@ import torch
 
 httpx = pytest.importorskip("httpx")
 
-import lmstack  # noqa: E402
+import lmstack
 
 LONG = {"prompt": "hi", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
 
