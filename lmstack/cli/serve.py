@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from lmstack.errors import ConfigError
+from lmstack.errors import CheckpointError, ConfigError
 from lmstack.serve.config import ServeConfig
 
 
@@ -30,6 +31,8 @@ def main(argv: list[str]) -> int:
                          port=args.port, api_key=args.api_key, device=args.device, max_batch=args.max_batch,
                          max_len=args.max_len, max_queue=args.max_queue, prefix_cache=args.prefix_cache,
                          compile=args.compile)
+    if not Path(config.model).is_dir():  # fail now rather than serve 503s about it
+        raise CheckpointError(f"{config.model}: no such model directory (--model)")
     try:
         import uvicorn
 
