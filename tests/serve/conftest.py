@@ -100,7 +100,7 @@ def start_server(tiny_model_dir):
     servers = []
 
     def start(loader=None, wait=True, **fields):
-        server = LiveServer(ServeConfig(model=str(tiny_model_dir), model_name="tiny", **fields), loader)
+        server = LiveServer(ServeConfig(**{"model": str(tiny_model_dir), "model_name": "tiny", **fields}), loader)
         servers.append(server)
         return server.wait_ready() if wait else server
 
