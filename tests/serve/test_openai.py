@@ -151,3 +151,20 @@ def test_top_logprobs_are_normalised(server):
     for entry in out.choices[0].logprobs.content:
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)  # greedy = the top one
         assert sum(math.exp(t.logprob) for t in entry.top_logprobs) <= 1 + 1e-5
+
+
+def test_stop_strings_and_a_batch_of_prompts_with_n(server, tiny):
+    model, tok = tiny
+    reference = lmstack.generate(model, tok, [PROMPT, "Assignment"], max_new_tokens=16)
+    text = reference.texts[0]
+    stop = text[len(text) // 2:len(text) // 2 + 3]  # a string the greedy continuation reaches
+    expected = text[:text.index(stop)]
+    out = client(server).completions.create(model="tiny", prompt=[PROMPT, "Assignment"], n=2, max_tokens=16,
+                                            temperature=0, stop=[stop])
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text == out.choices[1].text == expected  # prompt 0's two samples
+    assert out.choices[0].finish_reason == "stop"
+    second = reference.texts[1]
+    if stop in second:
+        second = second[:second.index(stop)]
+    assert out.choices[2].text == out.choices[3].text == second
