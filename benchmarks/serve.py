@@ -2,7 +2,7 @@
 
 The server runs in its own process (`python -m lmstack serve`) on loopback; this process is the client
 (asyncio + httpx, streaming completions). Model: a random llama (vocab 2048 from a BPE tokenizer trained
-here, width 256, 4 layers, context 1024; 4.2M parameters), fp32 on the CPU.
+here, width 256, 4 layers, context 1024; 3.5M parameters), fp32 on the CPU.
 
 Cases (one JSON line each):
 - concurrency_C for C in 1, 2, 4, 8, 16: fixed concurrency, --requests-per-slot x C requests (at least 4) of
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -38,12 +39,12 @@ from pathlib import Path
 
 import httpx
 import torch
-
-import lmstack
 from decode import machine  # benchmarks/decode.py: CPU model and vector flags, detected
 
-CONFIG = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704, max_seq_len=1024,
-              tie_word_embeddings=True)
+import lmstack
+
+CONFIG = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 704,
+          "max_seq_len": 1024, "tie_word_embeddings": True}
 PROMPT_TOKENS = 32
 
 
@@ -71,7 +72,10 @@ def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": float("nan"), "p99": float("nan")}
     ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
+
+    def pick(q: float) -> float:  # nearest rank
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
     return {"p50": round(pick(0.5) * 1e3, 2), "p99": round(pick(0.99) * 1e3, 2)}
 
 
@@ -91,7 +95,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, leave_aft
                 break  # closing the stream disconnects
     end = time.perf_counter()
     return {"ttft": times[0] - start if times else None, "e2e": end - start, "chunks": len(times),
-            "itl": [b - a for a, b in zip(times, times[1:])]}
+            "itl": [b - a for a, b in itertools.pairwise(times)]}
 
 
 async def run_concurrent(url: str, bodies: list[dict], concurrency: int, leave: set[int] = frozenset()) -> tuple:
