@@ -17,6 +17,10 @@ Cases (one JSON line each):
   their second chunk; then "leaked_blocks" = KV pool rows still held (goal 0) and the server's RSS growth
   after warm-up.
 
+Servers: the throughput cases and the soak run on a server with --max-len slots per row (default 128: prompt
++ completion fit), since a slot pool attends over every slot of every row each step; the prefix-cache case on
+one with the model's whole context per row.
+
 Threads: the server gets --threads (OMP_NUM_THREADS and torch), the offline peer the same. Timings on a
 shared machine are noisy: the ratios are what to read.
 """
@@ -195,10 +199,40 @@ def soak_case(base: str, pid: int, count: int, rng: random.Random, vocab: int) -
             "rss_after_warmup_mib": round(before, 1), "rss_growth_mib": round(rss_mib(pid) - before, 1)}
 
 
+class Server:
+    """`python -m lmstack serve` in its own process on a free loopback port."""
+
+    def __init__(self, directory: Path, threads: int, max_len: int | None):
+        port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        command = [sys.executable, "-m", "lmstack", "serve", "--model", str(directory), "--port", str(port),
+                   "--max-batch", "16", "--max-queue", "2000", "--log-level", "warning"]
+        self.process = subprocess.Popen(command + (["--max-len", str(max_len)] if max_len else []), env=env)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(self.base + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.close()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=128,
+                        help="the throughput server's KV slots per row (the prefix-cache server has the context)")
     parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per concurrency level x C")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--soak", type=int, default=100, help="soak requests (default 100)")
@@ -210,29 +244,16 @@ def main() -> None:
         directory = Path(tmp) / "model"
         model, tokenizer = build_model(directory)
         vocab = tokenizer.vocab_size
-        port = free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-               "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        server = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--model", str(directory), "--port",
-                                   str(port), "--max-batch", "16", "--max-queue", "2000", "--log-level", "warning"],
-                                  env=env)
-        base = f"http://127.0.0.1:{port}"
+        info = machine() | {"threads": args.threads, "model_params": model.num_parameters()}
+        # A slot pool pays attention over every slot of every row each step: size it for the workload (prompt
+        # + completion), as a deployment would; the offline peer sizes its cache the same way.
+        server = Server(directory, args.threads, args.max_len)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(base + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.1)
-            info = machine() | {"threads": args.threads, "model_params": model.num_parameters()}
+            base = server.base
             concurrency_case(base, 1, argparse.Namespace(max_tokens=4, requests_per_slot=1), rng, vocab)  # warm-up
             by_level = {}
             for level in args.concurrency:
-                line = concurrency_case(base, level, args, rng, vocab) | info
+                line = concurrency_case(base, level, args, rng, vocab) | info | {"max_len": args.max_len}
                 by_level[level] = line["tokens_per_s"]
                 print(json.dumps(line), flush=True)
             if 1 in by_level and 8 in by_level:
@@ -242,12 +263,15 @@ def main() -> None:
                                   "offline_batch8_tokens_per_s": round(offline, 2),
                                   "served_c8_tokens_per_s": by_level[8], "served_c1_tokens_per_s": by_level[1]} | info),
                       flush=True)
-            print(json.dumps(prefix_case(base, tokenizer) | info), flush=True)
-            print(json.dumps(soak_case(base, server.pid, 1000 if args.full else args.soak, rng, vocab) | info),
+            print(json.dumps(soak_case(base, server.process.pid, 1000 if args.full else args.soak, rng, vocab) | info),
                   flush=True)
         finally:
-            server.terminate()
-            server.wait(30)
+            server.close()
+        server = Server(directory, args.threads, None)  # rows of the whole context for a ~580-token system prompt
+        try:
+            print(json.dumps(prefix_case(server.base, tokenizer) | info), flush=True)
+        finally:
+            server.close()
 
 
 if __name__ == "__main__":
