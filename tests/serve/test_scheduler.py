@@ -121,3 +121,20 @@ def _teach(model, ids: list[int]):
         loss.backward()
         optimizer.step()
     return taught.eval()
+
+
+def test_a_copied_prefix_gives_the_full_prefill_logits(tiny):
+    """DecodeSession.read_slots / write_slots + prefill(start=n), what the prefix cache runs on."""
+    from lmstack.generate import DecodeSession
+
+    model, _ = tiny
+    prompt = list(range(5, 45))
+    with DecodeSession(model, rows=3, cache_len=64) as session:
+        full = session.prefill([prompt], [0])  # (1, V)
+        prefix = session.read_slots(0, 30)
+        session.write_slots([1, 2], prefix)
+        resumed = session.prefill([prompt, prompt[:31]], [1, 2], start=30)  # (2, V)
+        alone = session.prefill([prompt[:31]], [0])
+        assert session.lengths.tolist() == [31, 40, 31]
+    torch.testing.assert_close(resumed[0], full[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(resumed[1], alone[0], atol=1e-5, rtol=1e-5)
