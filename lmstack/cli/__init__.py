@@ -27,6 +27,7 @@ VERBS: dict[str, str] = {
     "merge": "lmstack.cli.merge:main",
     "generate": "lmstack.cli.generate:main",
     "chat": "lmstack.cli.chat:main",
+    "serve": "lmstack.cli.serve:main",
     "eval": "lmstack.cli.eval:main",
     "quantize": "lmstack.cli.quantize:main",
     "export": "lmstack.cli.export:main",

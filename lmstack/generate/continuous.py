@@ -100,9 +100,13 @@ class ContinuousBatch:
         """Prefill one request into a free row and return the row; it generates from the next step on."""
         return self.add_group([prompt_ids], config)[0]
 
-    def add_group(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[int]:
+    def add_group(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                  prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[int]:
         """Prefill several prompts as one request (one config, one random stream) into free rows (the lowest,
-        so that a fresh batch's rows run in order and prefill together)."""
+        so that a fresh batch's rows run in order and prefill together).
+
+        prefix: the keys/values of the prompts' first n tokens (DecodeSession.read_slots, a server's prefix
+        cache): written into the rows, and only the rest of each prompt is computed."""
         free = self.free_rows
         if len(prompts) > len(free):
             raise GenerationError(f"{len(prompts)} prompts but {len(free)} free rows of {self.session.rows}: "
@@ -119,7 +123,11 @@ class ContinuousBatch:
             if bad is not None:
                 raise GenerationError(f"prompt {i} holds token id {bad}, outside the model's vocabulary (size {vocab})")
         rows = free[:len(prompts)]
-        logits = self.session.prefill(prompts, rows)  # (G, V)
+        start = 0
+        if prefix is not None:
+            start = prefix[0][0].shape[1]
+            self.session.write_slots(rows, prefix)
+        logits = self.session.prefill(prompts, rows, start)  # (G, V)
         self.session.set_running(rows, False)  # until its first token is chosen, a decode must not advance it
         device = self.session.device
         index = torch.tensor(rows, device=device)

@@ -112,33 +112,38 @@ class DecodeSession:
             self.model.use_caches(self.caches)
 
     # ------------------------------------------------------------------------------ model calls
-    def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> torch.Tensor:
+    def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int], start: int = 0) -> torch.Tensor:
         """Write prompt i into row rows[i], slots [0, len); mark those rows running; return the logits of each
         prompt's last token (n, V) fp32. Consecutive rows are prefilled together, right-padded, on a view
-        of their cache rows, so the other rows are untouched."""
+        of their cache rows, so the other rows are untouched.
+
+        With `start` > 0 the rows already hold each prompt's first `start` tokens (a cached prefix put there
+        by `write_slots`): only slots [start, len) are computed."""
         if len(prompts) != len(rows) or not prompts:
             raise GenerationError(f"prefill takes one row per prompt: got {len(prompts)} prompts, {len(rows)} rows")
         for prompt in prompts:
-            if not 0 < len(prompt) <= self.cache_len:
-                raise GenerationError(f"a prompt of {len(prompt)} tokens does not fit a row of {self.cache_len} slots")
+            if not start < len(prompt) <= self.cache_len:
+                raise GenerationError(f"a prompt of {len(prompt)} tokens does not fit a row of {self.cache_len} slots"
+                                      + (f" after a cached prefix of {start}" if start else ""))
         self._install()
-        pieces, start = [], 0
+        pieces, first = [], 0
         for end in range(1, len(rows) + 1):
             if end == len(rows) or rows[end] != rows[end - 1] + 1:
-                pieces.append(self._prefill_run(prompts[start:end], rows[start]))
-                start = end
+                pieces.append(self._prefill_run(prompts[first:end], rows[first], start))
+                first = end
         index = torch.tensor(list(rows), device=self.device)
         self.lengths[index] = torch.tensor([len(p) for p in prompts], device=self.device)
         self.running[index] = 1
         return torch.cat(pieces)
 
-    def _prefill_run(self, prompts: Sequence[Sequence[int]], first_row: int) -> torch.Tensor:
-        ids, lengths = right_pad(prompts, self.device)  # (n, P), (n,)
+    def _prefill_run(self, prompts: Sequence[Sequence[int]], first_row: int, start: int = 0) -> torch.Tensor:
+        ids, lengths = right_pad([p[start:] for p in prompts], self.device)  # (n, P), (n,)
         n, P = ids.shape
         self.model.use_caches([cache.rows(first_row, first_row + n) for cache in self.caches])
         try:
             with torch.no_grad(), _autocast(self.device):
-                hidden = self.model.hidden_states(ids, cache_slots=torch.arange(P, device=self.device))  # (n, P, d)
+                slots = torch.arange(start, start + P, device=self.device)  # (P,): positions follow the slots
+                hidden = self.model.hidden_states(ids, cache_slots=slots)  # (n, P, d)
                 last = hidden[torch.arange(n, device=self.device), lengths - 1]  # (n, d): each prompt's last token
                 return self.model.head(last).float()  # (n, V): the head runs on one position per row only
         finally:
@@ -180,6 +185,19 @@ class DecodeSession:
             cache.v.copy_(cache.v.index_select(0, rows))
         self.lengths.copy_(self.lengths.index_select(0, rows))
         self.running.copy_(self.running.index_select(0, rows))
+
+    def read_slots(self, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of `row`'s first n slots in every layer, [(k, v) (H_kv, n, D)]: a prefix that a server
+        caches and writes into other rows (`write_slots`) instead of computing it again."""
+        return [(cache.k[row, :, :n].clone(), cache.v[row, :, :n].clone()) for cache in self.caches]
+
+    def write_slots(self, rows: Sequence[int], kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write a prefix from `read_slots` into slots [0, n) of each of `rows`; `prefill(..., start=n)` goes on."""
+        index = torch.tensor(list(rows), device=self.device)
+        for cache, (k, v) in zip(self.caches, kv):
+            n = k.shape[1]
+            cache.k[index, :, :n] = k.to(cache.k.dtype)
+            cache.v[index, :, :n] = v.to(cache.v.dtype)
 
     def release(self, row: int) -> None:
         """Free a row: it holds nothing and stops advancing; the next prefill into it overwrites its slots."""

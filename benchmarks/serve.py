@@ -1,0 +1,278 @@
+"""Serving: `lmstack serve` under load, measured by a client in the style of vLLM's serving benchmark.
+
+The server runs in its own process (`python -m lmstack serve`) on loopback; this process is the client
+(asyncio + httpx, streaming completions). Model: a random llama (vocab 2048 from a BPE tokenizer trained
+here, width 256, 4 layers, context 1024; 3.5M parameters), fp32 on the CPU.
+
+Cases (one JSON line each):
+- concurrency_C for C in 1, 2, 4, 8, 16: fixed concurrency, --requests-per-slot x C requests (at least 4) of
+  a 32-token prompt and --max-tokens new tokens (EOS ignored). TTFT, TPOT = (E2E - TTFT) / (n_out - 1) and
+  ITL (gaps between chunks), p50/p99 in ms, and the aggregate output tokens/s.
+- scaling: "scaling_8" = tokens/s at concurrency 8 / at 1 (goal >= 4); "vs_offline_8" = tokens/s at
+  concurrency 8 / offline `lmstack.generate` of 8 prompts at once in this process (goal >= 0.8), with the
+  peer's figure.
+- prefix_cache: "prefix_cache_ttft_ratio" = median TTFT of chats whose ~500-token system prompt is new each
+  time (computed) / median TTFT of chats repeating one cached system prompt (goal >= 3).
+- soak: --soak requests (default 100; --full: 1,000) at concurrency 16, 20% of clients disconnecting after
+  their second chunk; then "leaked_blocks" = KV pool rows still held (goal 0) and the server's RSS growth
+  after warm-up.
+
+Servers: the throughput cases and the soak run on a server with --max-len slots per row (default 128: prompt
++ completion fit), since a slot pool attends over every slot of every row each step; the prefix-cache case on
+one with the model's whole context per row.
+
+Threads: the server gets --threads (OMP_NUM_THREADS and torch), the offline peer the same. Timings on a
+shared machine are noisy: the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from decode import machine  # benchmarks/decode.py: CPU model and vector flags, detected
+
+import lmstack
+
+CONFIG = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 704,
+          "max_seq_len": 1024, "tie_word_embeddings": True}
+PROMPT_TOKENS = 32
+
+
+def build_model(directory: Path) -> tuple[object, object]:
+    import pydoc_data.topics
+
+    from lmstack.config import ModelConfig
+    from lmstack.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(iter(pydoc_data.topics.topics.values()), "bpe", 2048, chat_template="chatml")
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_token_id, **CONFIG)
+    model = lmstack.Transformer(config).eval()
+    lmstack.save_model(model, directory, extra_files=tokenizer.files())
+    return model, tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan")}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:  # nearest rank
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"p50": round(pick(0.5) * 1e3, 2), "p99": round(pick(0.99) * 1e3, 2)}
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, leave_after: int | None = None) -> dict:
+    """Stream one request; the arrival times of its chunks. leave_after: disconnect after that many chunks."""
+    start, times = time.perf_counter(), []
+    async with client.stream("POST", url, json={**body, "stream": True}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and (chunk["choices"][0].get("text") or chunk["choices"][0].get("delta", {}).get(
+                    "content")):
+                times.append(time.perf_counter())
+            if leave_after is not None and len(times) >= leave_after:
+                break  # closing the stream disconnects
+    end = time.perf_counter()
+    return {"ttft": times[0] - start if times else None, "e2e": end - start, "chunks": len(times),
+            "itl": [b - a for a, b in itertools.pairwise(times)]}
+
+
+async def run_concurrent(url: str, bodies: list[dict], concurrency: int, leave: set[int] = frozenset()) -> tuple:
+    semaphore = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def bounded(i: int, body: dict) -> dict:
+            async with semaphore:
+                return await one_request(client, url, body, 2 if i in leave else None)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(bounded(i, b) for i, b in enumerate(bodies)))
+        return results, time.perf_counter() - start
+
+
+def concurrency_case(base: str, concurrency: int, args, rng: random.Random, vocab: int) -> dict:
+    n = max(4, args.requests_per_slot * concurrency)
+    bodies = [{"prompt": [rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)], "max_tokens": args.max_tokens,
+               "ignore_eos": True, "temperature": 0} for _ in range(n)]
+    results, wall = asyncio.run(run_concurrent(base + "/v1/completions", bodies, concurrency))
+    out_tokens = sum(r["chunks"] for r in results)
+    tpot = [(r["e2e"] - r["ttft"]) / (r["chunks"] - 1) for r in results if r["chunks"] > 1]
+    return {"case": f"concurrency_{concurrency}", "requests": n, "output_tokens": out_tokens,
+            "tokens_per_s": round(out_tokens / wall, 2),
+            "ttft_ms": percentiles([r["ttft"] for r in results]), "tpot_ms": percentiles(tpot),
+            "itl_ms": percentiles([g for r in results for g in r["itl"]])}
+
+
+def offline_tokens_per_s(model, batch: int, args, rng: random.Random, vocab: int) -> float:
+    prompts = [[rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(batch)]
+    lmstack.generate(model, None, prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        out = lmstack.generate(model, None, prompts, max_new_tokens=args.max_tokens, ignore_eos=True)
+        best = min(best, time.perf_counter() - start)
+    return sum(len(t) for t in out.token_ids) / best
+
+
+def prefix_case(base: str, tokenizer) -> dict:
+    import pydoc_data.topics
+
+    text = " ".join(pydoc_data.topics.topics.values())
+    words = text.split()
+
+    def system(offset: int) -> str:  # about 500 tokens of documentation text
+        piece = " ".join(words[offset:offset + 330])
+        return piece
+
+    def chat(system_text: str, question: str) -> dict:
+        return {"messages": [{"role": "system", "content": system_text}, {"role": "user", "content": question}],
+                "max_tokens": 4, "temperature": 0}
+
+    tokens = len(tokenizer.encode(system(0)))
+    url = base + "/v1/chat/completions"
+    uncached = [asyncio.run(run_concurrent(url, [chat(system(5000 + 400 * i), "Why?")], 1))[0][0]["ttft"]
+                for i in range(6)]
+    asyncio.run(run_concurrent(url, [chat(system(0), "Warm up?")], 1))  # computes and caches the prefix
+    cached = [asyncio.run(run_concurrent(url, [chat(system(0), f"Question {i}?")], 1))[0][0]["ttft"]
+              for i in range(6)]
+    return {"case": "prefix_cache", "system_prompt_tokens": tokens,
+            "ttft_uncached_ms": round(statistics.median(uncached) * 1e3, 2),
+            "ttft_cached_ms": round(statistics.median(cached) * 1e3, 2),
+            "prefix_cache_ttft_ratio": round(statistics.median(uncached) / statistics.median(cached), 2)}
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def gauge(base: str, name: str) -> float:
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def soak_case(base: str, pid: int, count: int, rng: random.Random, vocab: int) -> dict:
+    bodies = [{"prompt": [rng.randrange(10, vocab) for _ in range(rng.randrange(8, 64))],
+               "max_tokens": rng.randrange(4, 24), "ignore_eos": True, "temperature": 0.8, "seed": i}
+              for i in range(count)]
+    leave = set(rng.sample(range(count), count // 5))
+    asyncio.run(run_concurrent(base + "/v1/completions", bodies[:16], 16))  # warm-up
+    before = rss_mib(pid)
+    start = time.perf_counter()
+    asyncio.run(run_concurrent(base + "/v1/completions", bodies, 16, leave))
+    wall = time.perf_counter() - start
+    deadline = time.monotonic() + 10
+    while gauge(base, "lmstack_kv_rows_used") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"case": "soak", "requests": count, "disconnected": len(leave), "seconds": round(wall, 1),
+            "leaked_blocks": int(gauge(base, "lmstack_kv_rows_used")),
+            "waiting_after": int(gauge(base, "lmstack_requests_waiting")),
+            "rss_after_warmup_mib": round(before, 1), "rss_growth_mib": round(rss_mib(pid) - before, 1)}
+
+
+class Server:
+    """`python -m lmstack serve` in its own process on a free loopback port."""
+
+    def __init__(self, directory: Path, threads: int, max_len: int | None):
+        port = free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        command = [sys.executable, "-m", "lmstack", "serve", "--model", str(directory), "--port", str(port),
+                   "--max-batch", "16", "--max-queue", "2000", "--log-level", "warning"]
+        self.process = subprocess.Popen(command + (["--max-len", str(max_len)] if max_len else []), env=env)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(self.base + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.close()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=128,
+                        help="the throughput server's KV slots per row (the prefix-cache server has the context)")
+    parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per concurrency level x C")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--soak", type=int, default=100, help="soak requests (default 100)")
+    parser.add_argument("--full", action="store_true", help="the full soak of 1,000 requests")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "model"
+        model, tokenizer = build_model(directory)
+        vocab = tokenizer.vocab_size
+        info = machine() | {"threads": args.threads, "model_params": model.num_parameters()}
+        # A slot pool pays attention over every slot of every row each step: size it for the workload (prompt
+        # + completion), as a deployment would; the offline peer sizes its cache the same way.
+        server = Server(directory, args.threads, args.max_len)
+        try:
+            base = server.base
+            concurrency_case(base, 1, argparse.Namespace(max_tokens=4, requests_per_slot=1), rng, vocab)  # warm-up
+            by_level = {}
+            for level in args.concurrency:
+                line = concurrency_case(base, level, args, rng, vocab) | info | {"max_len": args.max_len}
+                by_level[level] = line["tokens_per_s"]
+                print(json.dumps(line), flush=True)
+            if 1 in by_level and 8 in by_level:
+                offline = offline_tokens_per_s(model, 8, args, rng, vocab)
+                print(json.dumps({"case": "scaling", "scaling_8": round(by_level[8] / by_level[1], 2),
+                                  "vs_offline_8": round(by_level[8] / offline, 2),
+                                  "offline_batch8_tokens_per_s": round(offline, 2),
+                                  "served_c8_tokens_per_s": by_level[8], "served_c1_tokens_per_s": by_level[1]} | info),
+                      flush=True)
+            print(json.dumps(soak_case(base, server.process.pid, 1000 if args.full else args.soak, rng, vocab) | info),
+                  flush=True)
+        finally:
+            server.close()
+        server = Server(directory, args.threads, None)  # rows of the whole context for a ~580-token system prompt
+        try:
+            print(json.dumps(prefix_case(server.base, tokenizer) | info), flush=True)
+        finally:
+            server.close()
+
+
+if __name__ == "__main__":
+    main()
