@@ -43,21 +43,14 @@ Loader = Callable[[], tuple[Any, Any]]
 
 def load_from_config(config: ServeConfig) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from the configured directory (with the adapter, when given)."""
-    import inspect
-
-    from lmstack.errors import CheckpointError, ConfigError
+    from lmstack.errors import CheckpointError
     from lmstack.interop.hf import load_model
     from lmstack.tokenizer import Tokenizer
 
     path = Path(config.model)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model directory (--model)")
-    options: dict[str, Any] = {"device": config.device}
-    if config.adapter is not None:
-        if "adapter" not in inspect.signature(load_model).parameters:
-            raise ConfigError(f"--adapter {config.adapter}: this lmstack's load_model takes no adapter yet")
-        options["adapter"] = config.adapter
-    return load_model(path, **options).eval(), Tokenizer.load(path)
+    return load_model(path, device=config.device, adapter=config.adapter).eval(), Tokenizer.load(path)
 
 
 class Server:
