@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 from lmstack.atomic import atomic_dir
 from lmstack.config import PRESETS, ModelConfig, preset
 from lmstack.errors import CheckpointError, ConfigError
-from lmstack.interop.hf_config import config_from_hf, config_to_hf, hf_incompatibility
+from lmstack.interop import families
+from lmstack.interop.hf_config import hf_incompatibility
+from lmstack.interop.hf_moe import mixtral_to_hf, mixtral_to_lmstack
 from lmstack.model.transformer import Transformer
 from lmstack.schema import read_json
 
@@ -37,6 +39,8 @@ def _gpt2_prefix(names: set[str]) -> str:
 
 def hf_to_lmstack(name: str, tensor: torch.Tensor, config: ModelConfig) -> list[tuple[str, torch.Tensor]]:
     """One Hugging Face tensor -> the lmstack tensors it holds (GPT-2's fused c_attn becomes q/k/v)."""
+    if config.family == "mixtral":
+        return [(mixtral_to_lmstack(name), tensor)]
     if config.family != "gpt2":
         return [(name, tensor)]
     name = name.removeprefix("transformer.")
@@ -65,6 +69,9 @@ def lmstack_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterat
     """lmstack state dict -> Hugging Face tensor names and layouts (tied lm_head left out, as HF does)."""
     for name, tensor in state.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if config.family == "mixtral":
+            yield mixtral_to_hf(name), tensor
             continue
         if config.family != "gpt2" or hf_incompatibility(config) is not None:
             yield name, tensor
@@ -95,7 +102,7 @@ def lmstack_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterat
 def read_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / "config.json"
     hf = read_json(path, CheckpointError, "not found; a model directory needs config.json")
-    return config_from_hf(hf, str(path))
+    return families.decoder_config_from_hf(hf, str(path))
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:
@@ -158,6 +165,9 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None, **overrides) -> Transformer:
     """A Hugging Face / lmstack model directory, or a preset name (random init, `overrides` applied)."""
     path = Path(path_or_preset)
+    other = families.other_architecture(path) if path.is_dir() else None
+    if other is not None:  # an encoder (bert) or encoder-decoder (t5) directory
+        return families.load_other(path, other, dtype, device)
     if path.is_dir():
         config = read_config(path)
         state = load_state_dict(path, config)
@@ -185,6 +195,8 @@ def write_weights(model: Transformer, directory: str | Path, max_shard_bytes: in
                   dtype: torch.dtype | None = None) -> None:
     """Write config.json, generation_config.json and the safetensors weights into an existing directory."""
     directory = Path(directory)
+    if families.write_other(model, directory, max_shard_bytes, dtype):  # an Encoder or Seq2Seq
+        return
     config = model.config
     dtype = dtype or model.lm_head.weight.dtype
     tensors = {name: t.detach().to("cpu", dtype).contiguous().clone()
@@ -210,7 +222,7 @@ def write_weights(model: Transformer, directory: str | Path, max_shard_bytes: in
         (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                         "weight_map": weight_map}, indent=2))
     dtype_name = str(dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config_to_hf(config, dtype_name), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(families.decoder_config_to_hf(config, dtype_name), indent=2) + "\n")
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if getattr(config, k) is not None}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -11,6 +11,7 @@ from typing import Any
 
 from lmstack.config import ModelConfig, RopeScaling
 from lmstack.errors import ConfigError
+from lmstack.interop.hf_rope import scaling_from_hf, scaling_to_hf
 from lmstack.schema import from_dict, to_dict
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -86,7 +87,7 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float, source: str) -> tupl
                                   low_freq_factor=float(params["low_freq_factor"]),
                                   high_freq_factor=float(params["high_freq_factor"]),
                                   original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    raise ConfigError(f"{source}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+    return theta, scaling_from_hf(kind, params, hf, source)  # dynamic, yarn, longrope (or an error)
 
 
 def _qwen2_window(hf: dict[str, Any], source: str) -> int | None:
@@ -128,6 +129,9 @@ def _gpt2_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 def hf_incompatibility(config: ModelConfig) -> str | None:
     """Why `config` cannot be written as its family's Hugging Face architecture, or None if it can."""
     family = config.family
+    if config.moe.num_experts or config.head_cutoffs or config.rope_scaling.kind == "ntk":
+        # mixtral / qwen2_moe and static NTK are written by lmstack.interop.families; an adaptive head has no HF class
+        return "experts, an adaptive softmax head or static NTK RoPE need lmstack.interop.families"
     if family == "gpt2":
         wanted = dict(norm_kind="layernorm", norm_bias=True, position_kind="learned", qkv_bias=True, out_bias=True,
                       mlp_bias=True, tie_word_embeddings=True, sliding_window=None)
@@ -177,6 +181,7 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         if scaling.kind == "llama3":
             rope_parameters.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
                                    original_max_position_embeddings=scaling.original_max_position_embeddings)
+        rope_parameters.update(scaling_to_hf(scaling))
         body = dict(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                     num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
                     num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, hidden_act="silu",

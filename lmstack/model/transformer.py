@@ -24,6 +24,7 @@ from lmstack.model.head_loss import linear_cross_entropy
 from lmstack.model.kv_cache import KVCache
 from lmstack.model.linear import Linear
 from lmstack.model.mlp import MLP
+from lmstack.model.moe import SparseMoE
 from lmstack.model.norm import build_norm
 from lmstack.model.rope import rope_cos_sin, rope_inv_freq, sinusoidal_embedding
 
@@ -36,7 +37,7 @@ class Block(nn.Module):
         self.input_layernorm = build_norm(config)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = build_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = SparseMoE(config) if config.moe.num_experts else MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -179,7 +180,7 @@ class Transformer(nn.Module):
         elif self.config.position_kind == "sinusoidal":
             x = x + sinusoidal_embedding(position_ids, self.config.hidden_size).to(x.dtype)
         x = self.embed_dropout(x)
-        rope = rope_cos_sin(self.inv_freq, position_ids) if self.config.position_kind == "rope" else None
+        rope = rope_cos_sin(self.inv_freq, position_ids, self.config) if self.config.position_kind == "rope" else None
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, mask, cache_slots, use_reentrant=False)
