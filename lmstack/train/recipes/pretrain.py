@@ -27,6 +27,7 @@ from lmstack.train.config import PretrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
 from lmstack.train.objectives import Loss, causal_lm_loss
+from lmstack.train.objectives.moe import router_losses
 
 _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -63,8 +64,10 @@ def _tokenizer_files(data_dir: Path) -> dict[str, Path]:
 
 
 def objective(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Loss:
-    """Pretraining's objective: next-token cross-entropy over every token of (inputs (B, T), targets (B, T))."""
-    return causal_lm_loss(model, *batch)
+    """Pretraining's objective: next-token cross-entropy over every token of (inputs (B, T), targets (B, T)),
+    plus a mixture of experts' router losses (load balancing, z-loss) when the model has experts."""
+    loss = causal_lm_loss(model, *batch)
+    return loss + router_losses(model, loss.count)
 
 
 def build_parts(cfg: PretrainConfig, dist: DistContext | None = None
