@@ -89,17 +89,30 @@ def load_other(directory: str | Path, kind: str, dtype: torch.dtype | None, devi
     return load_seq2seq(directory, dtype=dtype, device=device)
 
 
+def preset_model(name: str, overrides: dict[str, Any]) -> nn.Module | None:
+    """A randomly initialised Encoder / Seq2Seq for an encoder or encoder-decoder preset name, else None."""
+    from lmstack.model.configs import EncoderConfig, architecture_preset
+    config = architecture_preset(name, **overrides)
+    if config is None:
+        return None
+    if isinstance(config, EncoderConfig):
+        from lmstack.model.encoder import Encoder
+        return Encoder(config)
+    from lmstack.model.seq2seq import Seq2Seq
+    return Seq2Seq(config)
+
+
 def write_other(model: nn.Module, directory: Path, max_shard_bytes: int, dtype: torch.dtype | None) -> bool:
     """Write an Encoder / Seq2Seq into `directory`; False when `model` is neither (a decoder)."""
     from lmstack.model.transformer import Transformer
     if isinstance(model, Transformer):
         return False
     from lmstack.model.encoder import Encoder
-    from lmstack.model.seq2seq import Seq2Seq
     if isinstance(model, Encoder):
         from lmstack.interop.hf_bert import write_encoder
         write_encoder(model, directory, max_shard_bytes, dtype)
         return True
+    from lmstack.model.seq2seq import Seq2Seq
     if isinstance(model, Seq2Seq):
         from lmstack.interop.hf_t5 import write_seq2seq
         write_seq2seq(model, directory, max_shard_bytes, dtype)

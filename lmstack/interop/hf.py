@@ -184,6 +184,8 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
         model = Transformer(preset(str(path_or_preset), **overrides))
         if dtype is not None:
             model = model.to(dtype)
+    elif (other_model := families.preset_model(str(path_or_preset), overrides)) is not None:
+        model = other_model.to(dtype) if dtype is not None else other_model  # an encoder / encoder-decoder preset
     else:
         raise CheckpointError(f"{path_or_preset}: neither a model directory nor a preset name "
                               f"(presets: {', '.join(sorted(PRESETS))})")
