@@ -46,8 +46,7 @@ def load_into(model: nn.Module, directory: Path, rename: Callable[[str], str | N
     """Assign every tensor of `directory` to the meta-device `model` under `rename(hf_name)` (None = skip it),
     checking names, shapes and completeness; tensors become `dtype` (default fp32, the CPU policy)."""
     expected = model.state_dict()
-    ties = _ties(model)
-    tied = set(ties)
+    tied = set(_ties(model))
     files = tensor_files(directory)
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
@@ -74,8 +73,14 @@ def load_into(model: nn.Module, directory: Path, rename: Callable[[str], str | N
     missing = sorted(set(expected) - set(state) - tied)
     if missing:
         raise CheckpointError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing in all)")
-    model.load_state_dict(state, strict=False, assign=True)
-    for name, first in ties.items():  # assign=True replaced the shared parameter under its first name only
+    assign(model, state)
+
+
+def assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict(assign=True) that keeps tied parameters tied (assign replaces each name on its own)."""
+    ties = _ties(model)
+    model.load_state_dict({k: v for k, v in state.items() if k not in ties}, strict=False, assign=True)
+    for name, first in ties.items():
         module_name, leaf = name.rsplit(".", 1)
         setattr(model.get_submodule(module_name), leaf, model.get_parameter(first))
 
