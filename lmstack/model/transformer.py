@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmstack.config import ModelConfig
 from lmstack.errors import ConfigError
+from lmstack.model.adaptive_softmax import AdaptiveSoftmaxHead
 from lmstack.model.attention import Attention
 from lmstack.model.head_loss import linear_cross_entropy
 from lmstack.model.kv_cache import KVCache
@@ -63,7 +64,9 @@ class Transformer(nn.Module):
             "layers": nn.ModuleList(Block(config) for _ in range(config.num_layers)),
             "norm": build_norm(config),
         })
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (AdaptiveSoftmaxHead(config.hidden_size, config.vocab_size, config.head_cutoffs,
+                                            config.head_div_value)  # log-probabilities by frequency clusters
+                        if config.head_cutoffs else Linear(config.hidden_size, config.vocab_size, bias=False))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.embed_dropout = nn.Dropout(config.dropout)
@@ -145,6 +148,8 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_slots)
         if targets is None:
             return self.head(hidden)
+        if isinstance(self.lm_head, AdaptiveSoftmaxHead):  # computes only the clusters the targets fall in
+            return self.lm_head.loss(hidden, targets, ignore_index)
         if isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index)
         logits = self.lm_head(hidden)  # a swapped head (adapter, quantized): its own forward
