@@ -100,3 +100,14 @@ def test_uniform_router_gives_k_and_capacity_drops_overflow():
     layer.eval()
     layer(x)
     assert layer.dropped == 0  # inference never drops
+
+
+def test_moe_greedy_generation_equals_transformers(tmp_path):
+    reference = build_hf_moe("mixtral", tmp_path / "hf")
+    model = lmstack.load_model(tmp_path / "hf").eval()
+    prompt = torch.randint(0, 211, (1, 7))
+    with torch.no_grad():
+        expected = reference.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, 7:].tolist()
+    got = lmstack.generate(model, None, [prompt[0].tolist()], max_new_tokens=12, ignore_eos=True)
+    assert got.token_ids[0] == expected

@@ -186,3 +186,20 @@ def test_pretrain_a_mixture_of_experts_logs_expert_shares(tmp_path):
     shares = [record[f"moe_tokens_e{e}"] for e in range(4)]
     assert sum(shares) == pytest.approx(2.0, rel=1e-4) and record["moe_aux_loss"] > 0
     assert lmstack.load_model(result.checkpoint).config.moe.num_experts == 4
+
+
+def test_sequence_classification_loss_equals_transformers(tmp_path):
+    import transformers
+
+    from lmstack.train.objectives.classification import sequence_classification_loss
+
+    model = lmstack.load_model("bert-tiny", vocab_size=120, heads=["classifier"], num_labels=3).eval()
+    lmstack.save_model(model, tmp_path / "c")
+    reference = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "c", dtype=torch.float32).eval()
+    batch = {"input_ids": torch.randint(5, 120, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long),
+             "labels": torch.tensor([0, 2, 1, 2])}
+    batch["attention_mask"][1, 6:] = 0
+    with torch.no_grad():
+        loss = sequence_classification_loss(model, batch)
+        expected = reference(**batch).loss
+    assert loss.mean().item() == pytest.approx(expected.item(), rel=1e-5) and loss.count == 4
