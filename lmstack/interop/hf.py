@@ -167,6 +167,9 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
     path = Path(path_or_preset)
     other = families.other_architecture(path) if path.is_dir() else None
     if other is not None:  # an encoder (bert) or encoder-decoder (t5) directory
+        if overrides:
+            raise ConfigError(f"load_model({str(path)!r}): unknown arguments {sorted(overrides)}; a model directory "
+                              "takes dtype and device only")
         return families.load_other(path, other, dtype, device)
     if path.is_dir():
         config = read_config(path)

@@ -119,9 +119,6 @@ class Encoder(nn.Module):
             with torch.no_grad():
                 self.bert.embeddings.word_embeddings.weight[self.config.pad_token_id].zero_()
 
-    def reset_buffers(self) -> None:
-        """Nothing derived to recompute (kept for the loaders' common path)."""
-
     # ---------------------------------------------------------------- the trunk
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

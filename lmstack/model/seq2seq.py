@@ -227,9 +227,6 @@ class Seq2Seq(nn.Module):
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def reset_buffers(self) -> None:
-        """Nothing derived to recompute (kept for the loaders' common path)."""
-
     # ---------------------------------------------------------------- the two stacks
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, S) -> encoder states (B, S, d). attention_mask (B, S): 1 = token, 0 = padding."""
