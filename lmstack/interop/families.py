@@ -20,7 +20,7 @@ from lmstack.errors import CheckpointError
 from lmstack.interop import hf_moe
 from lmstack.interop.hf_config import config_from_hf, config_to_hf
 from lmstack.model.rope import ntk_theta
-from lmstack.schema import read_json, to_dict
+from lmstack.schema import read_json
 
 
 # ------------------------------------------------------------------------------------------- decoders
@@ -54,17 +54,10 @@ def decoder_config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[st
             return config_to_hf(config, dtype)
         out.update(model_type=config.family, architectures=[hf_moe.ARCHITECTURES[config.family]],
                    **hf_moe.expert_keys(config))
-        return _keep_exact(out, config)
+        return out
     out = config_to_hf(config, dtype)
     if scaling.kind == "dynamic" and out["model_type"] != "lmstack":
         out["max_position_embeddings"] = scaling.original_max_position_embeddings  # transformers' trained context
-    return out
-
-
-def _keep_exact(out: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
-    """Where config_to_hf carries the exact lmstack config along, make it this config, not the translated one."""
-    if "lmstack" in out:
-        out["lmstack"] = to_dict(config)
     return out
 
 

@@ -200,7 +200,7 @@ def _gpt2_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 def hf_incompatibility(config: ModelConfig) -> str | None:
     """Why `config` cannot be written as its family's Hugging Face architecture, or None if it can."""
     family = config.family
-    if config.moe.num_experts or config.head_cutoffs or config.rope_scaling.kind == "ntk":
+    if config.moe.num_experts or config.head_cutoffs or config.rope_scaling.kind == "ntk" or family not in ARCHITECTURES:
         # mixtral / qwen2_moe and static NTK are written by lmstack.interop.families; an adaptive head has no HF class
         return "experts, an adaptive softmax head or static NTK RoPE need lmstack.interop.families"
     if family == "gpt2":

@@ -64,3 +64,14 @@ def test_capacity_reports_dropped_assignments():
     term = router_losses(model, loss.count)
     # capacity 0.5 x fair share: at least half of the N*k assignments are dropped, per token >= k/2 = 1
     assert term.metrics["moe_dropped"].item() / int(loss.count) >= 1.0
+
+
+def test_configs_transformers_cannot_express_are_saved_as_lmstack(tmp_path):
+    """Experts under family llama, a mixtral without experts: written as model_type "lmstack", read back exactly."""
+    import json
+
+    for config in (lmstack.preset("llama-tiny", moe=dict(num_experts=4)), lmstack.preset("llama-tiny", family="mixtral")):
+        model = lmstack.Transformer(config)
+        lmstack.save_model(model, tmp_path / config.family)
+        assert json.loads((tmp_path / config.family / "config.json").read_text())["model_type"] == "lmstack"
+        assert lmstack.load_model(tmp_path / config.family).config == config
