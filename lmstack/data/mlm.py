@@ -137,7 +137,7 @@ class MaskedLMBatches:
         """Choose the positions to predict and corrupt them -> (input ids, labels)."""
         m = self.masking
         candidates = np.flatnonzero(~self.special[ids])
-        target = max(1, int(round(len(candidates) * m.probability)))
+        target = max(1, round(len(candidates) * m.probability))
         if self.continues is None:
             chosen = rng.permutation(candidates)[:target]
         else:  # whole words: group each piece with the word it continues, then take words until the target

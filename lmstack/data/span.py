@@ -43,8 +43,8 @@ class SpanConfig:
 
 def span_lengths(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
     """(noise tokens, spans) for a window of `length` tokens, as T5 rounds them."""
-    noise = min(max(int(round(length * noise_density)), 1), length - 1)
-    return noise, max(int(round(noise / mean_span)), 1)
+    noise = min(max(round(length * noise_density), 1), length - 1)
+    return noise, max(round(noise / mean_span), 1)
 
 
 def window_length(inputs_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:

@@ -166,5 +166,5 @@ def architecture_preset(name: str, **overrides: Any) -> EncoderConfig | Seq2SeqC
     return None
 
 
-__all__ = ["ENCODER_PRESETS", "EncoderConfig", "SEQ2SEQ_PRESETS", "Seq2SeqConfig", "SentencePooling",
+__all__ = ["ENCODER_PRESETS", "SEQ2SEQ_PRESETS", "EncoderConfig", "SentencePooling", "Seq2SeqConfig",
            "architecture_preset"]

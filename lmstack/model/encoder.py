@@ -128,7 +128,7 @@ class Encoder(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if T > self.config.max_seq_len:
             raise ConfigError(f"sequence length {T} exceeds the encoder's max_seq_len {self.config.max_seq_len} "
                               "(its learned positions)")

@@ -230,7 +230,7 @@ class Seq2Seq(nn.Module):
     # ---------------------------------------------------------------- the two stacks
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, S) -> encoder states (B, S, d). attention_mask (B, S): 1 = token, 0 = padding."""
-        B, S = input_ids.shape
+        S = input_ids.shape[1]
         self._check_length(S, "input")
         positions = torch.arange(S, device=input_ids.device)
         bias = self.encoder.relative_bias.position_bias(positions, positions, True, self.config)  # (1, H, S, S)
@@ -248,7 +248,7 @@ class Seq2Seq(nn.Module):
         Training / scoring: pass encoder_states (B, S, d) and its mask. Decoding (after `setup_cache` and
         `encode_for_decoding`): encoder_states None, `cache_slots` (T,) the positions of these tokens.
         """
-        B, T = decoder_input_ids.shape
+        T = decoder_input_ids.shape[1]
         device = decoder_input_ids.device
         decoding = cache_slots is not None
         if decoding:

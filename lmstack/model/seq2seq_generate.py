@@ -91,7 +91,7 @@ def _options(config: Any, overrides: dict[str, Any]) -> Seq2SeqOptions:
             raise GenerationError(f"{name} is not supported for encoder-decoder models yet")
     unknown = set(overrides) - set(Seq2SeqOptions.__dataclass_fields__) - set(_UNSUPPORTED)
     if unknown:
-        raise GenerationError(f"unknown generation option {sorted(unknown)[0]!r}")
+        raise GenerationError(f"unknown generation option {min(unknown)!r}")
     options = Seq2SeqOptions(**{**values, **{k: v for k, v in overrides.items() if k not in _UNSUPPORTED}})
     if options.max_new_tokens < 1 or options.num_beams < 1 or options.temperature < 0:
         raise GenerationError("max_new_tokens and num_beams must be >= 1 and temperature >= 0")
