@@ -85,6 +85,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0:
+            print(f"step {step + 1}: loss {(loss.total / loss.count).item():.3f}", file=sys.stderr, flush=True)
     train_s = time.perf_counter() - started
     state = model.state_dict()
 
