@@ -153,9 +153,6 @@ def main(argv: list[str]) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
-    run = generate
-    if not hasattr(model, "make_cache"):  # an encoder-decoder (T5): its own decoding loop, same options
-        from lmstack.model.seq2seq_generate import generate_seq2seq as run
     draft = load_model_and_tokenizer(args.draft_model, args.device)[0] if args.draft_model else None
     if args.prompts_file is not None:
         records = [(f"{args.prompts_file}:{n}", r) for n, r in _read_prompts_file(args.prompts_file)]
@@ -164,7 +161,7 @@ def main(argv: list[str]) -> int:
     prompts = [_prompt_ids(r, tokenizer, args.chat, args.system, where, config) for where, r in records]
     as_jsonl = args.jsonl or args.prompts_file is not None or args.output is not None
 
-    if not as_jsonl and len(prompts) == 1 and config.num_beams == 1 and draft is None and run is generate:
+    if not as_jsonl and len(prompts) == 1 and config.num_beams == 1 and draft is None:
         for piece in stream(model, tokenizer, prompts[:1], config=config):  # show tokens as they come
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -177,7 +174,7 @@ def main(argv: list[str]) -> int:
     results = []
     for start in range(0, len(prompts), args.batch_size):
         graphs = dynamo_counters["stats"]["unique_graphs"]
-        out = run(model, tokenizer, prompts[start:start + args.batch_size], config=config, draft_model=draft)
+        out = generate(model, tokenizer, prompts[start:start + args.batch_size], config=config, draft_model=draft)
         if args.stats:
             _print_stats(out, compiled_now=dynamo_counters["stats"]["unique_graphs"] > graphs)
         results += [_record(records[start + i][1], out, i) for i in range(len(out.token_ids))]

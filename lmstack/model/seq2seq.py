@@ -14,9 +14,9 @@ is scaled by d^-0.5 first (`scale_decoder_outputs`).
 Parameter names are transformers' T5ForConditionalGeneration names (`shared`, `encoder.block.N.layer.0.
 SelfAttention.q`, `decoder.block.N.layer.1.EncDecAttention.k`, `layer.2.DenseReluDense.wi_0`, ...).
 
-Decoding: `setup_cache(batch, max_len)` preallocates each decoder layer's self-attention cache and
-`encode_for_decoding(...)` computes every layer's cross-attention keys/values once per prompt; after
-that each step is `decode(tokens, cache_slots=...)` (lmstack.model.seq2seq_generate drives it).
+Decoding: lmstack.model.seq2seq_decoder binds the decoder to encoded prompts as a CausalLM (the encoder
+runs once per prompt and every decoder layer's cross-attention keys/values are computed once), so
+lmstack.generate's decode session drives it; each step is `decode(tokens, None, mask, cache_slots=...)`.
 
 Shapes: B batch, S encoder tokens, T decoder tokens, H heads, D head dim, d width, F feed-forward, V vocab.
 """
@@ -43,7 +43,8 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gated-gelu": lambda x: F.gelu(x
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> torch.Tensor:
-    """Mesh TensorFlow's bucketing of (key - query) offsets, as T5 defines it: (...) int -> (...) in [0, num_buckets)."""
+    """Mesh TensorFlow's bucketing of (key - query) offsets, as T5 defines it: (...) int -> (...) in
+    [0, num_buckets)."""
     buckets = torch.zeros_like(relative_position)
     if bidirectional:
         num_buckets //= 2
@@ -71,7 +72,7 @@ class T5Attention(nn.Module):
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
         self.dropout = config.dropout
         self.kv_cache: KVCache | None = None  # decoder self-attention while decoding
-        self.cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # cross-attention while decoding
+        self.cross_kv: KVCache | None = None  # cross-attention while decoding: the encoder's keys/values
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -98,18 +99,19 @@ class T5Attention(nn.Module):
         elif kv_states is not None:
             k, v = self.project_kv(kv_states)  # (B, H, S, D)
         else:
-            k, v = self.cross_kv  # stored once per prompt by encode_for_decoding
+            k, v = self.cross_kv.k, self.cross_kv.v  # computed once per prompt (seq2seq_decoder)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
     def position_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor, bidirectional: bool,
                       config: Seq2SeqConfig) -> torch.Tensor:
-        """(T,), (S,) positions -> the learned bias (1, H, T, S)."""
-        buckets = relative_position_bucket(key_positions[None, :] - query_positions[:, None], bidirectional,
+        """Query positions (T,) or per row (B, T), key positions (S,) -> the learned bias (1|B, H, T, S)."""
+        buckets = relative_position_bucket(key_positions - query_positions[..., None], bidirectional,
                                            config.relative_attention_num_buckets,
-                                           config.relative_attention_max_distance)  # (T, S)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (1, H, T, S)
+                                           config.relative_attention_max_distance)  # (..., T, S)
+        bias = self.relative_attention_bias(buckets).movedim(-1, -3)  # (..., H, T, S)
+        return bias if bias.dim() == 4 else bias[None]
 
 
 class FeedForward(nn.Module):
@@ -191,6 +193,8 @@ class Seq2Seq(nn.Module):
     """A T5-style encoder-decoder. `model(input_ids, attention_mask, decoder_input_ids)` -> logits (B, T, V);
     with `targets` (B, T), the cross-entropy summed over the targets that are not `ignore_index`."""
 
+    is_encoder_decoder = True  # lmstack.generate binds its decoder to the encoded prompts (seq2seq_decoder)
+
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
         self.config = config
@@ -201,7 +205,6 @@ class Seq2Seq(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
         self.gradient_checkpointing = False
-        self._encoder_mask: torch.Tensor | None = None  # (B, S) while decoding
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -245,23 +248,23 @@ class Seq2Seq(nn.Module):
                encoder_mask: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
         """decoder_input_ids (B, T) -> decoder states (B, T, d), before the head.
 
-        Training / scoring: pass encoder_states (B, S, d) and its mask. Decoding (after `setup_cache` and
-        `encode_for_decoding`): encoder_states None, `cache_slots` (T,) the positions of these tokens.
+        Training / scoring: pass encoder_states (B, S, d) and its mask. Decoding (with the caches that
+        lmstack.model.seq2seq_decoder installs): encoder_states None, `cache_slots` (T,) or per row (B, T) the
+        positions of these tokens.
         """
         T = decoder_input_ids.shape[1]
         device = decoder_input_ids.device
-        decoding = cache_slots is not None
-        if decoding:
+        if cache_slots is not None:
             cache = self.decoder.block[0].layer[0].SelfAttention.kv_cache
             if cache is None:
-                raise RuntimeError("cache_slots given but no decoder cache; call setup_cache and encode_for_decoding")
+                raise RuntimeError("cache_slots given but no decoder cache; decode through seq2seq_decoder")
             query_positions, key_positions = cache_slots, torch.arange(cache.k.shape[2], device=device)
-            encoder_mask = self._encoder_mask
         else:
             self._check_length(T, "decoder input")
             query_positions = key_positions = torch.arange(T, device=device)
         bias = self.decoder.relative_bias.position_bias(query_positions, key_positions, False, self.config)
-        bias = bias + _additive(key_positions[None, :] <= query_positions[:, None])[None, None]  # causal (1,H,T,S)
+        causal = _additive(key_positions <= query_positions[..., None])  # (..., T, S)
+        bias = bias + (causal[None, None] if causal.dim() == 2 else causal[:, None])  # (1|B, H, T, S)
         cross = (torch.zeros(1, 1, 1, 1, device=device) if encoder_mask is None
                  else _additive(encoder_mask.bool()[:, None, None, :]))  # (B|1, 1, 1, S_enc)
         x = self.decoder.dropout(self.shared(decoder_input_ids))
@@ -312,43 +315,6 @@ class Seq2Seq(nn.Module):
         start = torch.full_like(targets[:, :1], self.config.decoder_start_token_id)
         shifted = torch.cat([start, targets[:, :-1]], dim=1)
         return shifted.masked_fill(shifted == ignore_index, self.config.pad_token_id)
-
-    # ---------------------------------------------------------------- decoding state
-    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """A static self-attention cache of `max_len` decoder positions in every decoder layer."""
-        weight = self.shared.weight
-        for block in self.decoder.block:
-            block.layer[0].SelfAttention.kv_cache = KVCache(batch_size, self.config.num_heads, max_len,
-                                                            self.config.head_dim, dtype or weight.dtype, weight.device)
-
-    def encode_for_decoding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                            repeat: int = 1) -> None:
-        """Run the encoder once and store each decoder layer's cross-attention keys/values (rows repeated
-        `repeat` times, e.g. once per beam)."""
-        states = self.encode(input_ids, attention_mask)
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        states, mask = states.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
-        for block in self.decoder.block:
-            attention = block.layer[1].EncDecAttention
-            attention.cross_kv = attention.project_kv(states)  # (B*repeat, H, S, D) each
-        self._encoder_mask = mask
-
-    def reorder_cache(self, rows: torch.Tensor) -> None:
-        """Beam search: decoder row i continues row rows[i] (self-attention caches; the cross-attention keys
-        of a prompt's beams are equal, but they are reordered too so any permutation is safe)."""
-        for block in self.decoder.block:
-            cache = block.layer[0].SelfAttention.kv_cache
-            cache.k.copy_(cache.k.index_select(0, rows))
-            cache.v.copy_(cache.v.index_select(0, rows))
-            attention = block.layer[1].EncDecAttention
-            attention.cross_kv = tuple(t.index_select(0, rows) for t in attention.cross_kv)
-        self._encoder_mask = self._encoder_mask.index_select(0, rows)
-
-    def clear_cache(self) -> None:
-        for block in self.decoder.block:
-            block.layer[0].SelfAttention.kv_cache = None
-            block.layer[1].EncDecAttention.cross_kv = None
-        self._encoder_mask = None
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head counted once); optionally without the shared embedding."""

@@ -11,7 +11,6 @@ import torch
 
 import lmstack
 from lmstack.cli import main
-from lmstack.model.seq2seq_generate import generate_seq2seq
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -55,11 +54,15 @@ def test_generate_cli_runs_t5(tmp_path, capsys):
     model = lmstack.load_model("t5-tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id).eval()
     lmstack.save_model(model, tmp_path / "t5", extra_files=tok.files())
-    expected = generate_seq2seq(model, tok, ["the cat", "sat on"], max_new_tokens=6, num_beams=2)
+    expected = lmstack.generate(model, tok, ["the cat", "sat on"], max_new_tokens=6, num_beams=2)
     assert main(["generate", "--model", str(tmp_path / "t5"), "--prompt", "the cat", "--prompt", "sat on",
                  "--max-new-tokens", "6", "--num-beams", "2", "--jsonl"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["token_ids"] for x in lines] == expected.token_ids
     assert lines[0]["beams"][0]["score"] == pytest.approx(expected.beams[0][0].score, abs=1e-5)
-    assert main(["generate", "--model", str(tmp_path / "t5"), "--prompt", "x", "--stop", "a"]) == 1
-    assert "stop is not supported" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "t5"), "--prompt", "the cat", "--max-new-tokens", "6",
+                 "--seed", "1", "--temperature", "1.0", "--stop", "a", "--jsonl"]) == 0  # stop strings, sampling
+    line = json.loads(capsys.readouterr().out)
+    assert "a" not in line["text"] and len(line["token_ids"]) <= 6
+    assert main(["generate", "--model", str(tmp_path / "t5"), "--prompt", "x", "--compile"]) == 1
+    assert "not supported for encoder-decoder" in capsys.readouterr().err

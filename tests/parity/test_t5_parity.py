@@ -104,21 +104,26 @@ def _hf_new_tokens(sequences: torch.Tensor, eos: int = 1) -> list[list[int]]:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_t5_greedy_and_beam_generation_equal_transformers(variant, tmp_path):
-    from lmstack.model.seq2seq_generate import generate_seq2seq
-
+    """lmstack.generate drives T5 through the decode session: greedy ids (and their logprobs) and beam
+    sequences and scores equal transformers' generate on a padded batch of prompts."""
     # (transformers 5's generate sizes its cache by the encoder's layer count: keep the stacks equal here)
     reference = build_hf_t5(tmp_path / "hf", num_decoder_layers=2, **VARIANTS[variant])
     model = lmstack.load_model(tmp_path / "hf").eval()
     ids, mask = _padded((9, 4, 6))
     prompts = [row[:int(m.sum())].tolist() for row, m in zip(ids, mask)]
     with torch.no_grad():
-        expected = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-        got = generate_seq2seq(model, None, prompts, max_new_tokens=10)
-        assert got.token_ids == _hf_new_tokens(expected)
+        expected = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                      output_scores=True, return_dict_in_generate=True)
+        got = lmstack.generate(model, None, prompts, max_new_tokens=10, logprobs=True)
+        assert got.token_ids == _hf_new_tokens(expected.sequences)
+        hf_logprobs = torch.stack(expected.scores, 1).log_softmax(-1)  # (B, N, V)
+        for row, (tokens, logprobs) in enumerate(zip(got.token_ids, got.logprobs)):
+            want = hf_logprobs[row, torch.arange(len(tokens)), tokens]
+            assert logprobs == pytest.approx(want.tolist(), abs=1e-4)
         beams = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=3,
                                    num_return_sequences=2, length_penalty=0.7, do_sample=False,
                                    output_scores=True, return_dict_in_generate=True)
-        got = generate_seq2seq(model, None, prompts, max_new_tokens=8, num_beams=3, num_return_sequences=2,
+        got = lmstack.generate(model, None, prompts, max_new_tokens=8, num_beams=3, num_return_sequences=2,
                                length_penalty=0.7)
     ours = [h.token_ids for hyps in got.beams for h in hyps]
     assert ours == _hf_new_tokens(beams.sequences)
@@ -127,23 +132,35 @@ def test_t5_greedy_and_beam_generation_equal_transformers(variant, tmp_path):
 
 
 def test_t5_sampling_is_seeded_and_cached_decoding_equals_a_full_forward(tmp_path):
-    from lmstack.model.seq2seq_generate import generate_seq2seq
+    from lmstack.model.seq2seq_decoder import BoundDecoder
 
     build_hf_t5(tmp_path / "hf", **VARIANTS["t5-1.1"])
     model = lmstack.load_model(tmp_path / "hf").eval()
     prompts = [[5, 6, 7, 8, 1], [9, 10, 1]]
-    a = generate_seq2seq(model, None, prompts, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
-    b = generate_seq2seq(model, None, prompts, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
+    options = dict(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
+    a, b = lmstack.generate(model, None, prompts, **options), lmstack.generate(model, None, prompts, **options)
     assert a.token_ids == b.token_ids and len(a.token_ids[0]) == 12
-    # the cached step-by-step logits equal one full decoder pass over the sampled sequence
+    alone = lmstack.generate(model, None, prompts[1:], max_new_tokens=12, ignore_eos=True)
+    assert lmstack.generate(model, None, prompts, max_new_tokens=12, ignore_eos=True).token_ids[1] == alone.token_ids[0]
+    # the cached step-by-step logits, rows at different decoder positions, equal one full decoder pass
     ids, mask = _padded((5, 3))
     ids[0, :5], ids[1, :3] = torch.tensor(prompts[0]), torch.tensor(prompts[1])
     decoder_ids = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.tensor(a.token_ids)[:, :-1]], 1)
     with torch.no_grad():
-        full = model(ids, mask, decoder_ids)
-        model.setup_cache(2, 12)
-        model.encode_for_decoding(ids, mask)
-        stepwise = torch.stack([model.head(model.decode(decoder_ids[:, t:t + 1], None, cache_slots=torch.tensor([t])))[:, 0]
-                                for t in range(12)], 1)
-        model.clear_cache()
-    assert (full - stepwise).abs().max().item() <= TOL
+        full = model(ids, mask, decoder_ids)  # (2, 12, V)
+        decoder = BoundDecoder(model, prompts)
+        caches = decoder.make_cache(2, 16)
+        decoder.use_caches(caches)
+        first = decoder(decoder_ids[:, :3], cache_slots=torch.arange(3))  # both rows: positions 0-2
+        decoder.use_caches([cache.rows(1, 2) for cache in caches])
+        ahead = decoder(decoder_ids[1:2, 3:5], cache_slots=torch.arange(3, 5))  # row 1 alone runs 2 ahead
+        decoder.use_caches(caches)
+        stepwise = []
+        for t in range(3, 10):  # then one token per row per call: row 0 at position t, row 1 at t + 2
+            step = torch.stack([decoder_ids[0, t], decoder_ids[1, t + 2]])[:, None]  # (2, 1)
+            stepwise.append(decoder(step, cache_slots=torch.tensor([[t], [t + 2]]))[:, 0])
+    got = torch.stack(stepwise, 1)  # (2, 7, V)
+    assert (full[:, :3] - first).abs().max().item() <= TOL
+    assert (full[1, 3:5] - ahead[0]).abs().max().item() <= TOL
+    assert (full[0, 3:10] - got[0]).abs().max().item() <= TOL
+    assert (full[1, 5:12] - got[1]).abs().max().item() <= TOL
