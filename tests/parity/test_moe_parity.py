@@ -102,12 +102,15 @@ def test_uniform_router_gives_k_and_capacity_drops_overflow():
     assert layer.dropped == 0  # inference never drops
 
 
-def test_moe_greedy_generation_equals_transformers(tmp_path):
-    reference = build_hf_moe("mixtral", tmp_path / "hf")
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_greedy_generation_equals_transformers(family, tmp_path):
+    """lmstack.generate on a batch of prompts of different lengths (each row at its own cache positions)
+    gives transformers' greedy tokens for each prompt alone."""
+    reference = build_hf_moe(family, tmp_path / "hf")
     model = lmstack.load_model(tmp_path / "hf").eval()
-    prompt = torch.randint(0, 211, (1, 7))
+    prompts = [torch.randint(0, 211, (n,)).tolist() for n in (7, 3)]
     with torch.no_grad():
-        expected = reference.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                      pad_token_id=0)[0, 7:].tolist()
-    got = lmstack.generate(model, None, [prompt[0].tolist()], max_new_tokens=12, ignore_eos=True)
-    assert got.token_ids[0] == expected
+        expected = [reference.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    got = lmstack.generate(model, None, prompts, max_new_tokens=12, ignore_eos=True)
+    assert got.token_ids == expected
