@@ -49,6 +49,7 @@ class BoundDecoder(nn.Module):
         self.prompts = [list(p) for p in prompts]
         self._layers = len(seq2seq.decoder.block)
         self._caches: list[KVCache | None] = [None] * (2 * self._layers + 1)
+        self.train(seq2seq.training)  # the session restores this mode on exit: it must be the model's own
 
     # ------------------------------------------------------------------------------ the caches
     @torch.no_grad()
@@ -68,9 +69,14 @@ class BoundDecoder(nn.Module):
         for row, prompt in enumerate(self.prompts):
             ids[row, :len(prompt)], mask[row, :len(prompt)] = torch.tensor(prompt), 1
         ids, mask = ids.to(weight.device), mask.to(weight.device)
-        with autocast(weight.device, resolve_precision("auto", weight.device)):
-            states = self.seq2seq.encode(ids, mask)  # (B, S_enc, d)
-            cross = [block.layer[1].EncDecAttention.project_kv(states) for block in self.seq2seq.decoder.block]
+        was_training = self.seq2seq.training  # the session allocates its cache before it sets eval mode
+        self.seq2seq.eval()
+        try:
+            with autocast(weight.device, resolve_precision("auto", weight.device)):
+                states = self.seq2seq.encode(ids, mask)  # (B, S_enc, d)
+                cross = [block.layer[1].EncDecAttention.project_kv(states) for block in self.seq2seq.decoder.block]
+        finally:
+            self.seq2seq.train(was_training)
         repeat = batch_size // B  # row r belongs to prompt r // repeat
 
         def rows(t: torch.Tensor) -> torch.Tensor:

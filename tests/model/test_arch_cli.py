@@ -1,4 +1,5 @@
-"""The CLI reaches the new architectures: `lmstack embed` on an encoder, `lmstack generate` on a T5 directory."""
+"""The CLI reaches the new architectures: `lmstack embed` on an encoder, `lmstack generate` on a T5 directory
+(beam search, sampling with stop strings, streaming one prompt)."""
 
 from __future__ import annotations
 
@@ -64,5 +65,8 @@ def test_generate_cli_runs_t5(tmp_path, capsys):
                  "--seed", "1", "--temperature", "1.0", "--stop", "a", "--jsonl"]) == 0  # stop strings, sampling
     line = json.loads(capsys.readouterr().out)
     assert "a" not in line["text"] and len(line["token_ids"]) <= 6
+    greedy = lmstack.generate(model, tok, "the cat", max_new_tokens=6)
+    assert main(["generate", "--model", str(tmp_path / "t5"), "--prompt", "the cat", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == greedy.texts[0] + "\n"  # one prompt: streamed through lmstack.stream
     assert main(["generate", "--model", str(tmp_path / "t5"), "--prompt", "x", "--compile"]) == 1
     assert "not supported for encoder-decoder" in capsys.readouterr().err

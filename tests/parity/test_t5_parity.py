@@ -141,7 +141,12 @@ def test_t5_sampling_is_seeded_and_cached_decoding_equals_a_full_forward(tmp_pat
     a, b = lmstack.generate(model, None, prompts, **options), lmstack.generate(model, None, prompts, **options)
     assert a.token_ids == b.token_ids and len(a.token_ids[0]) == 12
     alone = lmstack.generate(model, None, prompts[1:], max_new_tokens=12, ignore_eos=True)
-    assert lmstack.generate(model, None, prompts, max_new_tokens=12, ignore_eos=True).token_ids[1] == alone.token_ids[0]
+    greedy = lmstack.generate(model, None, prompts, max_new_tokens=12, ignore_eos=True).token_ids
+    assert greedy[1] == alone.token_ids[0]
+    model.train()  # generation runs without dropout (the encoder pass too) and leaves the model's mode as it was
+    assert lmstack.generate(model, None, prompts, max_new_tokens=12, ignore_eos=True).token_ids == greedy
+    assert model.training
+    model.eval()
     # the cached step-by-step logits, rows at different decoder positions, equal one full decoder pass
     ids, mask = _padded((5, 3))
     ids[0, :5], ids[1, :3] = torch.tensor(prompts[0]), torch.tensor(prompts[1])
