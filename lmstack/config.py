@@ -16,18 +16,54 @@ from lmstack.schema import from_dict, to_dict
 MlpKind = Literal["swiglu", "gelu", "gelu_tanh", "relu"]
 NormKind = Literal["rmsnorm", "layernorm"]
 PositionKind = Literal["rope", "learned", "sinusoidal"]
-Family = Literal["llama", "mistral", "qwen2", "gpt2"]
+Family = Literal["llama", "mistral", "qwen2", "gpt2", "mixtral", "qwen2_moe"]
+RopeKind = Literal["none", "linear", "llama3", "ntk", "dynamic", "yarn", "longrope"]
 
 
 @dataclass
 class RopeScaling:
-    """RoPE frequency scaling for context extension. `kind="none"` keeps the plain frequencies."""
+    """RoPE frequency scaling for context extension (the formulas: lmstack.model.rope). `kind="none"` keeps the
+    plain frequencies; "ntk" is static NTK-aware scaling, "dynamic" NTK that grows with each row's length."""
 
-    kind: Literal["none", "linear", "llama3"] = "none"
+    kind: RopeKind = "none"
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3 only
+    original_max_position_embeddings: int = 8192  # the trained context: llama3, dynamic, yarn, longrope
+    beta_fast: float = 32.0  # yarn: rotations above which a frequency is kept (extrapolated)
+    beta_slow: float = 1.0  # yarn: rotations below which a frequency is interpolated
+    mscale: float | None = None  # yarn (DeepSeek's attention-factor form, with mscale_all_dim)
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+    attention_factor: float | None = None  # yarn, longrope: cos/sin scale; None = derived from factor
+    short_factor: list[float] = field(default_factory=list)  # longrope: per-frequency divisors, short inputs
+    long_factor: list[float] = field(default_factory=list)  # longrope: ... beyond the trained context
+
+    def check(self, head_dim: int) -> None:
+        """Raise ConfigError naming the field for values this kind cannot use."""
+        if self.kind != "none" and self.factor <= 0:
+            raise ConfigError(f"rope_scaling.factor must be positive, got {self.factor}")
+        if self.kind == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(self, name)) != head_dim // 2:
+                    raise ConfigError(f"rope_scaling.{name} needs head_dim / 2 = {head_dim // 2} values, "
+                                      f"got {len(getattr(self, name))}")
+        if self.kind in ("dynamic", "yarn", "longrope") and self.original_max_position_embeddings <= 0:
+            raise ConfigError("rope_scaling.original_max_position_embeddings must be positive")
+
+
+@dataclass
+class MoEConfig:
+    """A sparse mixture-of-experts MLP in every layer (lmstack.model.moe); num_experts 0 = a dense MLP."""
+
+    num_experts: int = 0
+    num_experts_per_tok: int = 2  # k: experts each token is routed to
+    intermediate_size: int | None = None  # per expert; None = ModelConfig.intermediate_size
+    normalize_topk: bool = True  # softmax over the k chosen experts (Mixtral); False: over all (Switch, Qwen2-MoE)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token uses, sigmoid-gated
+    capacity_factor: float | None = None  # training only: each expert takes at most this x its fair share
+    router_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch / Mixtral definition)
+    router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE)
 
 
 @dataclass
@@ -48,6 +84,9 @@ class ModelConfig:
     position_kind: PositionKind = "rope"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    head_cutoffs: list[int] = field(default_factory=list)  # adaptive softmax clusters (lmstack.model.adaptive_softmax)
+    head_div_value: float = 4.0  # adaptive softmax: each tail cluster's width shrinks by this factor
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
@@ -64,6 +103,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # ModelConfig(rope_scaling={...}) from Python, like from YAML
             self.rope_scaling = from_dict(RopeScaling, self.rope_scaling, prefix="rope_scaling.")
+        if isinstance(self.moe, dict):
+            self.moe = from_dict(MoEConfig, self.moe, prefix="moe.")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
@@ -93,8 +134,8 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
-        if self.rope_scaling.kind != "none" and self.rope_scaling.factor <= 0:
-            raise ConfigError(f"rope_scaling.factor must be positive, got {self.rope_scaling.factor}")
+        self.rope_scaling.check(self.head_dim)
+        self._validate_moe_and_head()
         if self.norm_bias and self.norm_kind == "rmsnorm":
             raise ConfigError("norm_bias applies to layernorm only; RMSNorm has no bias")
         # A special id outside the embedding table fails late and far away (an index error when bos is
@@ -106,6 +147,20 @@ class ModelConfig:
                     raise ConfigError(f"{name} {token_id} is outside the vocabulary [0, {self.vocab_size}) of "
                                       f"vocab_size {self.vocab_size}: set {name} to an id below {self.vocab_size} "
                                       "(the tokenizer's) or to null")
+
+    def _validate_moe_and_head(self) -> None:
+        moe = self.moe
+        if moe.num_experts < 0 or (moe.num_experts and not 1 <= moe.num_experts_per_tok <= moe.num_experts):
+            raise ConfigError(f"moe: num_experts_per_tok ({moe.num_experts_per_tok}) must be in [1, num_experts "
+                              f"({moe.num_experts})]")
+        if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor must be positive or null, got {moe.capacity_factor}")
+        cutoffs = self.head_cutoffs
+        if cutoffs and (cutoffs != sorted(set(cutoffs)) or cutoffs[0] <= 0 or cutoffs[-1] >= self.vocab_size):
+            raise ConfigError(f"head_cutoffs {cutoffs} must increase strictly within (0, vocab_size={self.vocab_size})")
+        if cutoffs and self.tie_word_embeddings:
+            raise ConfigError("head_cutoffs (an adaptive softmax head) cannot be tied to the embeddings; set "
+                              "tie_word_embeddings false")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -157,6 +212,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                          bos_token_id=151643, eos_token_id=151643, family="qwen2"),
     "smollm-135m": _llama(576, 30, 9, 3, 1536, vocab=49152, max_seq_len=2048, rope_theta=10000.0,
                           tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    # mixtures of experts: Mixtral (top-2 of 8, renormalised) and Qwen1.5-MoE-A2.7B (top-4 of 60 + a shared expert)
+    "mixtral-tiny": _llama(64, 2, 4, 2, 128, vocab=512, max_seq_len=256, tie_word_embeddings=True, family="mixtral",
+                           moe=dict(num_experts=4, num_experts_per_tok=2)),
+    "mixtral-8x7b": _llama(4096, 32, 32, 8, 14336, vocab=32000, max_seq_len=32768, rope_theta=1e6,
+                           bos_token_id=1, eos_token_id=2, family="mixtral",
+                           moe=dict(num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02)),
+    "qwen1.5-moe-a2.7b": _llama(2048, 24, 16, 16, 5632, vocab=151936, max_seq_len=8192, norm_eps=1e-6,
+                                rope_theta=1e6, qkv_bias=True, bos_token_id=151643, eos_token_id=151643,
+                                family="qwen2_moe",
+                                moe=dict(num_experts=60, num_experts_per_tok=4, intermediate_size=1408,
+                                         normalize_topk=False, shared_expert_intermediate_size=5632,
+                                         router_aux_loss_coef=0.001)),
     "gpt2": _gpt2(768, 12, 12),
     "gpt2-medium": _gpt2(1024, 24, 16),
     "gpt2-large": _gpt2(1280, 36, 20),

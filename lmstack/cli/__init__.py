@@ -31,6 +31,7 @@ VERBS: dict[str, str] = {
     "eval": "lmstack.cli.eval:main",
     "quantize": "lmstack.cli.quantize:main",
     "export": "lmstack.cli.export:main",
+    "embed": "lmstack.cli.embed:main",
 }
 
 

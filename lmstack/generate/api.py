@@ -9,11 +9,12 @@ from typing import Any
 from lmstack.errors import GenerationError
 from lmstack.generate.beam import beam_search
 from lmstack.generate.config import GenerationConfig, resolve_config
-from lmstack.generate.prompts import PromptInput, TokenizerLike, encode_prompts
+from lmstack.generate.prompts import PromptInput, TokenizerLike, encode_prompts, fit_to_context
 from lmstack.generate.results import GenerationOutput
 from lmstack.generate.run import GenerationRun
 from lmstack.generate.speculative import speculative_generate
 from lmstack.model.protocol import CausalLM
+from lmstack.model.seq2seq_decoder import BoundDecoder
 
 
 def generate(model: CausalLM, tokenizer: TokenizerLike | None, prompts: PromptInput, *,
@@ -34,6 +35,7 @@ def generate(model: CausalLM, tokenizer: TokenizerLike | None, prompts: PromptIn
     logprobs / top_logprobs on request, the n-best beams for beam search, and timing stats.
     """
     config = resolve_config(config, options)
+    model, prompts = _bind_encoder(model, tokenizer, prompts, config, draft_model)
     if config.num_beams > 1:
         return beam_search(model, tokenizer, prompts, config)
     if draft_model is not None:
@@ -58,7 +60,21 @@ def stream(model: CausalLM, tokenizer: TokenizerLike, prompt: str | list[int], *
     ids = encode_prompts(prompt, tokenizer, config.add_special_tokens)
     if len(ids) != 1:
         raise GenerationError(f"stream takes one prompt, got {len(ids)}; use GenerationRun.events() for a batch")
+    model, ids = _bind_encoder(model, tokenizer, ids, config, None)
     run = GenerationRun(model, tokenizer, ids, config)
     for event in run.events():
         if event.text:
             yield event.text
+
+
+def _bind_encoder(model: Any, tokenizer: TokenizerLike | None, prompts: PromptInput, config: GenerationConfig,
+                  draft_model: CausalLM | None) -> tuple[CausalLM, PromptInput]:
+    """An encoder-decoder (T5) generates through the same strategies: its decoder, bound to the encoded prompts
+    (the encoder runs once per prompt), is the CausalLM, and each row's decoder prompt is the start token."""
+    if not getattr(model, "is_encoder_decoder", False):
+        return model, prompts
+    if draft_model is not None or config.compile:
+        raise GenerationError("speculative decoding and compile are not supported for encoder-decoder models yet")
+    encoder_prompts = fit_to_context(encode_prompts(prompts, tokenizer, config.add_special_tokens),
+                                     model.config.vocab_size, model.config.max_seq_len, 0, config.truncate_prompt)
+    return BoundDecoder(model, encoder_prompts), [[model.config.decoder_start_token_id]] * len(encoder_prompts)

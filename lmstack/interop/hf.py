@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 from lmstack.atomic import atomic_dir
 from lmstack.config import PRESETS, ModelConfig, preset
 from lmstack.errors import CheckpointError, ConfigError
-from lmstack.interop.hf_config import config_from_hf, config_to_hf, hf_incompatibility
+from lmstack.interop import families
+from lmstack.interop.hf_config import hf_incompatibility
+from lmstack.interop.hf_moe import mixtral_to_hf, mixtral_to_lmstack
 from lmstack.model.transformer import Transformer
 from lmstack.schema import read_json
 
@@ -40,6 +42,8 @@ def _gpt2_prefix(names: set[str]) -> str:
 
 def hf_to_lmstack(name: str, tensor: torch.Tensor, config: ModelConfig) -> list[tuple[str, torch.Tensor]]:
     """One Hugging Face tensor -> the lmstack tensors it holds (GPT-2's fused c_attn becomes q/k/v)."""
+    if config.family == "mixtral":
+        return [(mixtral_to_lmstack(name), tensor)]
     if config.family != "gpt2":
         return [(name, tensor)]
     name = name.removeprefix("transformer.")
@@ -68,6 +72,9 @@ def lmstack_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterat
     """lmstack state dict -> Hugging Face tensor names and layouts (tied lm_head left out, as HF does)."""
     for name, tensor in state.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if config.family == "mixtral":
+            yield mixtral_to_hf(name), tensor
             continue
         if config.family != "gpt2" or hf_incompatibility(config) is not None:
             yield name, tensor
@@ -114,7 +121,7 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: quantization_config (quant_method {method!r}) is not supported yet; lmstack "
                               "reads unquantized weights only (use the unquantized checkpoint, or dequantize it "
                               "with transformers and save_pretrained)")
-    return config_from_hf(hf, str(path))
+    return families.decoder_config_from_hf(hf, str(path))
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:
@@ -235,6 +242,12 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
     fields; a misspelt or unsupported option is a ConfigError naming it, never silently ignored.
     """
     path = Path(path_or_preset)
+    other = families.other_architecture(path) if path.is_dir() else None
+    if other is not None:  # an encoder (bert) or encoder-decoder (t5) directory
+        if overrides:
+            raise ConfigError(f"load_model({str(path)!r}): unknown {_names(overrides)}; a model directory "
+                              "takes dtype and device only")
+        return families.load_other(path, other, dtype, device)
     if path.is_dir():
         if overrides:
             raise ConfigError(f"load_model({str(path)!r}): unknown {_names(overrides)}; a model directory "
@@ -263,6 +276,8 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
         model = Transformer(preset(str(path_or_preset), **overrides))
         if dtype is not None:
             model = model.to(dtype)
+    elif (other_model := families.preset_model(str(path_or_preset), overrides)) is not None:
+        model = other_model.to(dtype) if dtype is not None else other_model  # an encoder / encoder-decoder preset
     else:
         raise CheckpointError(f"{path_or_preset}: neither a model directory nor a preset name "
                               f"(presets: {', '.join(sorted(PRESETS))})")
@@ -282,6 +297,8 @@ def write_weights(model: Transformer, directory: str | Path, max_shard_bytes: in
                   dtype: torch.dtype | None = None) -> None:
     """Write config.json, generation_config.json and the safetensors weights into an existing directory."""
     directory = Path(directory)
+    if families.write_other(model, directory, max_shard_bytes, dtype):  # an Encoder or Seq2Seq
+        return
     config = model.config
     dtype = dtype or model.lm_head.weight.dtype
     tensors = {name: t.detach().to("cpu", dtype).contiguous().clone()
@@ -307,7 +324,7 @@ def write_weights(model: Transformer, directory: str | Path, max_shard_bytes: in
         (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                         "weight_map": weight_map}, indent=2))
     dtype_name = str(dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config_to_hf(config, dtype_name), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(families.decoder_config_to_hf(config, dtype_name), indent=2) + "\n")
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if getattr(config, k) is not None}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

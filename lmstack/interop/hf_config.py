@@ -17,6 +17,7 @@ from typing import Any
 
 from lmstack.config import ModelConfig, RopeScaling
 from lmstack.errors import ConfigError
+from lmstack.interop.hf_rope import scaling_from_hf, scaling_to_hf
 from lmstack.schema import from_dict, to_dict
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -125,7 +126,7 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float, source: str) -> tupl
     the top-level one). Where the file says two things, transformers 4 (top-level rope_theta and rope_scaling)
     and 5 build different models from it, so a disagreement is an error naming both keys, not a guess."""
     places = {key: hf[key] for key in ("rope_scaling", "rope_parameters") if isinstance(hf.get(key), dict)}
-    scalings = {key: _scaling_from_hf(params, f"{source}: {key}") for key, params in places.items()}
+    scalings = {key: _scaling_from_hf(params, f"{source}: {key}", hf) for key, params in places.items()}
     if len(scalings) == 2 and scalings["rope_scaling"] != scalings["rope_parameters"]:
         raise ConfigError(f"{source}: rope_scaling is {hf['rope_scaling']} but rope_parameters is "
                           f"{hf['rope_parameters']}; transformers reads rope_scaling and ignores rope_parameters "
@@ -143,7 +144,7 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float, source: str) -> tupl
     return theta, next(iter(scalings.values()), RopeScaling())
 
 
-def _scaling_from_hf(params: dict[str, Any], where: str) -> RopeScaling:
+def _scaling_from_hf(params: dict[str, Any], where: str, hf: dict[str, Any]) -> RopeScaling:
     kind = params.get("rope_type", params.get("type", "default"))
     try:
         if kind == "default":
@@ -157,7 +158,7 @@ def _scaling_from_hf(params: dict[str, Any], where: str) -> RopeScaling:
                                original_max_position_embeddings=int(params["original_max_position_embeddings"]))
     except KeyError as e:
         raise ConfigError(f"{where}: rope type {kind!r} needs the key {e.args[0]!r}") from None
-    raise ConfigError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+    return scaling_from_hf(kind, params, hf, where)  # dynamic, yarn, longrope (or an error)
 
 
 def _qwen2_window(hf: dict[str, Any], source: str) -> int | None:
@@ -199,6 +200,9 @@ def _gpt2_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 def hf_incompatibility(config: ModelConfig) -> str | None:
     """Why `config` cannot be written as its family's Hugging Face architecture, or None if it can."""
     family = config.family
+    if config.moe.num_experts or config.head_cutoffs or config.rope_scaling.kind == "ntk" or family not in ARCHITECTURES:
+        # mixtral / qwen2_moe and static NTK are written by lmstack.interop.families; an adaptive head has no HF class
+        return "experts, an adaptive softmax head or static NTK RoPE need lmstack.interop.families"
     if family == "gpt2":
         wanted = dict(norm_kind="layernorm", norm_bias=True, position_kind="learned", qkv_bias=True, out_bias=True,
                       mlp_bias=True, tie_word_embeddings=True, sliding_window=None)
@@ -256,6 +260,8 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
                                         low_freq_factor=scaling.low_freq_factor,
                                         high_freq_factor=scaling.high_freq_factor,
                                         original_max_position_embeddings=scaling.original_max_position_embeddings)
+        elif scaling.kind != "none":  # dynamic, yarn, longrope (lmstack.interop.hf_rope)
+            body["rope_scaling"] = dict(rope_type=scaling.kind, factor=scaling.factor, **scaling_to_hf(scaling))
         if family == "llama":
             body.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
         elif family == "mistral":

@@ -19,11 +19,13 @@ from torch.utils.checkpoint import checkpoint
 
 from lmstack.config import ModelConfig
 from lmstack.errors import ConfigError
+from lmstack.model.adaptive_softmax import AdaptiveSoftmaxHead
 from lmstack.model.attention import Attention
 from lmstack.model.head_loss import linear_cross_entropy
 from lmstack.model.kv_cache import KVCache
 from lmstack.model.linear import Linear
 from lmstack.model.mlp import MLP
+from lmstack.model.moe import SparseMoE
 from lmstack.model.norm import build_norm
 from lmstack.model.rope import rope_cos_sin, rope_inv_freq, sinusoidal_embedding
 
@@ -36,7 +38,7 @@ class Block(nn.Module):
         self.input_layernorm = build_norm(config)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = build_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = SparseMoE(config) if config.moe.num_experts else MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -62,7 +64,9 @@ class Transformer(nn.Module):
             "layers": nn.ModuleList(Block(config) for _ in range(config.num_layers)),
             "norm": build_norm(config),
         })
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (AdaptiveSoftmaxHead(config.hidden_size, config.vocab_size, config.head_cutoffs,
+                                            config.head_div_value)  # log-probabilities by frequency clusters
+                        if config.head_cutoffs else Linear(config.hidden_size, config.vocab_size, bias=False))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.embed_dropout = nn.Dropout(config.dropout)
@@ -144,6 +148,8 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_slots)
         if targets is None:
             return self.head(hidden)
+        if isinstance(self.lm_head, AdaptiveSoftmaxHead):  # computes only the clusters the targets fall in
+            return self.lm_head.loss(hidden, targets, ignore_index)
         if isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index)
         logits = self.lm_head(hidden)  # a swapped head (adapter, quantized): its own forward
@@ -184,7 +190,7 @@ class Transformer(nn.Module):
         elif self.config.position_kind == "sinusoidal":
             x = x + sinusoidal_embedding(position_ids, self.config.hidden_size).to(x.dtype)
         x = self.embed_dropout(x)
-        rope = rope_cos_sin(self.inv_freq, position_ids) if self.config.position_kind == "rope" else None
+        rope = rope_cos_sin(self.inv_freq, position_ids, self.config) if self.config.position_kind == "rope" else None
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, mask, cache_slots, use_reentrant=False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lmstack.data.mlm import MaskingConfig
+from lmstack.data.span import SpanConfig
 from lmstack.errors import ConfigError
 
 
@@ -112,9 +114,15 @@ class PretrainConfig:
 
     model: a mapping of ModelConfig fields, optionally with `preset: NAME` to start from a preset;
     vocab_size and eos_token_id default to the data's.
+    objective: "clm" (next token, a decoder), "mlm" / "mlm+nsp" (BERT: an encoder; `masking`) or "span" (T5
+    span corruption: an encoder-decoder; `spans`); for the last three `model` holds EncoderConfig / Seq2SeqConfig
+    fields (lmstack.train.recipes.denoising).
     """
 
     out_dir: str = "runs/pretrain"
+    objective: Literal["clm", "mlm", "mlm+nsp", "span"] = "clm"
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    spans: SpanConfig = field(default_factory=SpanConfig)
     model: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

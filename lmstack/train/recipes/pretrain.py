@@ -27,6 +27,7 @@ from lmstack.train.config import PretrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
 from lmstack.train.objectives import Loss, causal_lm_loss
+from lmstack.train.objectives.moe import router_losses
 
 _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -66,8 +67,10 @@ def _tokenizer_files(data_dir: Path) -> dict[str, Path]:
 
 
 def objective(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Loss:
-    """Pretraining's objective: next-token cross-entropy over every token of (inputs (B, T), targets (B, T))."""
-    return causal_lm_loss(model, *batch)
+    """Pretraining's objective: next-token cross-entropy over every token of (inputs (B, T), targets (B, T)),
+    plus a mixture of experts' router losses (load balancing, z-loss) when the model has experts."""
+    loss = causal_lm_loss(model, *batch)
+    return loss + router_losses(model, loss.count)
 
 
 def build_parts(cfg: PretrainConfig, dist: DistContext | None = None
@@ -107,7 +110,15 @@ def build_engine(cfg: PretrainConfig, resume: bool = False, dist: DistContext | 
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose "
                           "another out_dir")
 
-    model, batches, val = build_parts(cfg, dist)
+    objective_fn, flops_per_token = objective, None
+    store: WholeModel = WholeModel(extra_files=_tokenizer_files(Path(cfg.data.path)))
+    if cfg.objective == "clm":
+        model, batches, val = build_parts(cfg, dist)
+    else:  # masked LM / span corruption: an encoder or encoder-decoder (lmstack.train.recipes.denoising)
+        from lmstack.train.recipes.denoising import WholeOtherModel, build_denoising_parts
+        parts = build_denoising_parts(cfg, dist)
+        model, batches, val, objective_fn = parts.model, parts.batches, parts.val, parts.objective
+        flops_per_token, store = parts.flops_per_token, WholeOtherModel(extra_files=store.extra_files)
     run_config = to_dict(cfg)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,9 +127,9 @@ def build_engine(cfg: PretrainConfig, resume: bool = False, dist: DistContext | 
         print(f"lmstack pretrain: {model.num_parameters():,} parameters, {batches.tokens_per_step:,} tokens/step, "
               f"{t.steps} steps, world size {dist.world_size}"
               + (f", resuming from {resume_from}" if resume_from else ""), file=sys.stderr)
-    return Engine(model, objective, batches, t, cfg.optim, cfg.schedule, out_dir=out_dir, val_batches=val, dist=dist,
-                  resume_from=resume_from, store=WholeModel(extra_files=_tokenizer_files(Path(cfg.data.path))),
-                  run_config=run_config)
+    return Engine(model, objective_fn, batches, t, cfg.optim, cfg.schedule, out_dir=out_dir, val_batches=val,
+                  dist=dist, resume_from=resume_from, store=store, run_config=run_config,
+                  flops_per_token=flops_per_token)
 
 
 def run(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
