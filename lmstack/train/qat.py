@@ -23,8 +23,8 @@ from torch import nn
 
 from lmstack.errors import ConfigError
 from lmstack.quant.apply import QuantConfig, quantization_config
-from lmstack.quant.formats import SUPPORTED_BITS
 from lmstack.quant.checkpoint import save_quantized
+from lmstack.quant.formats import SUPPORTED_BITS
 from lmstack.quant.linear import target_linears
 from lmstack.quant.qat import convert_qat, prepare_qat
 from lmstack.train.config import QATConfig
