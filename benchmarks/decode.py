@@ -9,13 +9,23 @@ inductor's on-disk cache makes a second process faster). The batch-1 roofline
 fraction is weight bytes x decode tokens/s over the copy bandwidth (bytes read + written per second
 copying a 256 MiB buffer) measured in the same run. The CPU model and its vector flags are printed with it.
 
+Weight-only int8 and int4 at batch 1 (issue 13), beside fp32 in the same run: the same model quantized by
+lmstack.quant (int8: RTN symmetric per output channel, `_weight_int8pack_mm`; int4: RTN in groups of 32,
+1376 = 43 x 32, `_weight_int4pack_mm_for_cpu`; the tied embedding / head stays fp32), decoded the way the
+fp32 batch-1 figure was (compiled unless --no-compile). "int8_ratio_vs_fp32" / "int4_ratio_vs_fp32" are
+decode tokens/s over that fp32 figure, "..._prefill_ratio_vs_fp32" prefill time fp32 over quantized
+(above 1: faster). --no-quant skips them; the 1-minute load average before and after is printed, since
+the shared machine's figures swing with it.
+
 Prints exactly one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
 import tempfile
 import time
@@ -25,6 +35,8 @@ import torch
 
 import lmstack
 from lmstack.config import ModelConfig
+from lmstack.quant.apply import QuantConfig, quantize_model
+from lmstack.quant.linear import KERNEL_DTYPE
 from timing import best_seconds  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 CONFIG = dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376,
@@ -81,6 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled runs")
+    parser.add_argument("--no-quant", action="store_true", help="skip the int8 / int4 batch-1 runs")
     args = parser.parse_args()
 
     import transformers
@@ -96,7 +109,8 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     result: dict[str, object] = {"benchmark": "decode", "params": model.num_parameters(), "dtype": "float32",
                                  "prompt_tokens": PROMPT, "new_tokens": NEW, **machine(),
-                                 "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2)}
+                                 "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+                                 "load_average_1m": round(os.getloadavg()[0], 1)}
     prompts = {B: torch.randint(0, CONFIG["vocab_size"], (B, PROMPT)) for B in args.batches}
     # Every peer and eager figure first, every compiled one after: compiling leaves inductor's worker
     # processes behind, and a peer timed after them ran 7x slower at batch 8 (37 vs ~250 tokens/s).
@@ -123,7 +137,29 @@ def main() -> None:
         entry["ratio"] = round(best["tok_s"] / entry["peer_tok_s"], 2)
         if B == 1:
             entry["roofline_fraction"] = round(weight_bytes * best["decode_tok_s"] / bandwidth, 3)
+    if not args.no_quant:
+        quantized_runs(model, prompts.get(1, prompts[min(prompts)][:1]), not args.no_compile, args.repeats, result)
+    result["load_average_1m_after"] = round(os.getloadavg()[0], 1)
     print(json.dumps(result))
+
+
+def quantized_runs(fp32: lmstack.Transformer, ids: torch.Tensor, compile: bool, repeats: int,
+                   result: dict[str, object]) -> None:
+    """int8 and int4 weight-only decode at batch 1, each against fp32 decoded the same way in this run."""
+    reference = result.get("batch1", {}).get("compiled" if compile else "eager")
+    if reference is None or ids.shape[0] != 1:  # batch 1 was not among --batches: measure fp32 here
+        reference = lmstack_run(fp32, ids[:1], compile, repeats)
+    result["quant_reference"] = "fp32 " + ("compiled" if compile else "eager") + ", batch 1"
+    result["kernel_activation_dtype"] = str(KERNEL_DTYPE).removeprefix("torch.")
+    for name, cfg in {"int8": QuantConfig("rtn", 8, None, symmetric=True), "int4": QuantConfig("rtn", 4, 32)}.items():
+        model = copy.deepcopy(fp32)
+        report = quantize_model(model, cfg)
+        measured = lmstack_run(model, ids[:1], compile, repeats)
+        result[name] = {**{k: round(v, 1) for k, v in measured.items()},
+                        "bytes_per_parameter": round(report.bytes_per_parameter, 3)}
+        result[f"{name}_ratio_vs_fp32"] = round(measured["decode_tok_s"] / reference["decode_tok_s"], 2)
+        result[f"{name}_prefill_ratio_vs_fp32"] = round(reference["prefill_ms"] / measured["prefill_ms"], 2)
+        del model
 
 
 if __name__ == "__main__":

@@ -81,9 +81,10 @@ def main(argv: list[str]) -> int:
     if args.target_bits is not None and args.method not in ("rtn", "gptq"):
         raise ConfigError(f"--target-bits chooses widths for rtn or gptq, not {args.method}")
     model = load_model(args.model).eval()
-    tokenizer = Tokenizer.load(args.model)
     seq_len = min(args.calib_seq_len, model.config.max_seq_len)
     needs_text = args.method in NEEDS_CALIBRATION or args.method == "qat" or args.target_bits is not None
+    # rtn / nf4 / dynamic read no text: a directory without a tokenizer (a training checkpoint) quantizes too
+    tokenizer = Tokenizer.load(args.model) if needs_text or args.eval else None
     calib = (calibration_tokens(tokenizer, args.calib, args.calib_samples, seq_len, model.config.eos_token_id)
              if needs_text else None)
     held_out = (calibration_tokens(tokenizer, args.eval, 64, seq_len, model.config.eos_token_id)

@@ -1,4 +1,5 @@
-"""GGUF export for llama.cpp: Llama-family models with their tokenizer and chat template, F32 / F16 / Q8_0 / Q4_0.
+"""GGUF export for llama.cpp: Llama-family models with their tokenizer and chat template, F32 / F16 / Q8_0 / Q4_0
+and Q4_K_M (the K-quant blocks and llama.cpp's per-tensor choice are in lmstack/quant/kquants.py).
 
 Block formats (ggml's, computed here in torch; bytes tested equal to the `gguf` package's quantizer):
 - Q8_0: blocks of 32 along a row; d = max|x| / 127 stored as fp16, q = round-half-away(x / d) int8: 34 bytes.
@@ -11,9 +12,9 @@ Block formats (ggml's, computed here in torch; bytes tested equal to the `gguf` 
 Tensors: llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output); q_proj and k_proj rows
 permuted from Hugging Face's rotate-half RoPE layout to ggml's interleaved one, as llama.cpp's
 convert_hf_to_gguf.py does (and transformers' GGUF loader undoes). Norms stay F32. With --type q4_0 the
-token embedding and an untied output matrix are Q8_0: llama.cpp's own Q4_0 files keep these two at
-higher precision (Q6_K, which the gguf package cannot write), because their errors land directly on
-every token's input and logits.
+token embedding and an untied output matrix are Q8_0 (llama.cpp's own Q4_0 files keep the output at Q6_K),
+because their errors land directly on every token's input and logits. --type q4_k_m follows llama.cpp's
+per-tensor rules exactly (lmstack/quant/kquants.py).
 
 Tokenizer: byte-level BPE (tokenizer.ggml.model "gpt2", pre-tokenizer "gpt2") with its merges, special
 tokens as control tokens, bos / eos / pad ids and `tokenizer.chat_template`. Other tokenizer kinds
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from lmstack.errors import ConfigError
+from lmstack.quant.kquants import q4_k_m_type, quantize_q4_k, quantize_q6_k
 
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 BLOCK = 32
@@ -136,9 +138,6 @@ def export_gguf(model, tokenizer_dir: str | Path, out: str | Path, qtype: str = 
 
     if qtype not in TYPES:
         raise ConfigError(f"--type {qtype}: choose one of {', '.join(TYPES)}")
-    if qtype == "q4_k_m":
-        raise ConfigError("--type q4_k_m: K-quants need their own quantizer (the gguf package only reads them), "
-                          "which lmstack does not have yet; use q4_0 or q8_0")
     if getattr(model, "quantization_config", None):
         raise ConfigError("GGUF export starts from the full-precision model directory, not a quantized one "
                           "(quantizing twice adds both errors); pass the original --model")
@@ -158,7 +157,9 @@ def export_gguf(model, tokenizer_dir: str | Path, out: str | Path, qtype: str = 
     writer.add_rope_freq_base(float(config.rope_theta))
     writer.add_layer_norm_rms_eps(float(config.norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}[qtype])
+    writer.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}[qtype])  # llama_ftype
+    if qtype not in ("f32", "f16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_metadata(writer, Path(tokenizer_dir), config)
 
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -168,14 +169,21 @@ def export_gguf(model, tokenizer_dir: str | Path, out: str | Path, qtype: str = 
 
     def add(name: str, tensor: torch.Tensor, kind: str) -> None:
         tensor = tensor.detach().float().cpu()
+        if kind == "q4_k_m" and tensor.dim() == 2:
+            kind = q4_k_m_type(name, tensor.shape[-1], config.num_layers, config.tie_word_embeddings)
         if tensor.dim() == 1 or kind == "f32" or tensor.shape[-1] % BLOCK:
             writer.add_tensor(name, tensor.numpy())
             kind = "f32"
         elif kind == "f16":
             writer.add_tensor(name, tensor.half().numpy())
         else:
-            data = (quantize_q8_0 if kind == "q8_0" else quantize_q4_0)(tensor)
-            writer.add_tensor(name, data.numpy(), raw_dtype=getattr(gguf.GGMLQuantizationType, kind.upper()))
+            raw = getattr(gguf.GGMLQuantizationType, kind.upper())
+            quantizer = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "q4_k": quantize_q4_k, "q6_k": quantize_q6_k}
+            if kind in quantizer:
+                data = quantizer[kind](tensor).numpy()
+            else:  # q5_0, Q4_K_M's fallback for rows that are not a multiple of 256: the gguf package's quantizer
+                data = gguf.quants.quantize(tensor.numpy(), raw)
+            writer.add_tensor(name, data, raw_dtype=raw)
         counts[kind] = counts.get(kind, 0) + 1
 
     edge = "q8_0" if qtype == "q4_0" else qtype  # embeddings / output one step up (see the module docstring)

@@ -109,6 +109,17 @@ class DataConfig:
 
 
 @dataclass
+class QATConfig:
+    """`qat:` in a pretrain / finetune config: train with fake-quantized linears, write OUT/quantized/ at the end
+    (lmstack/train/qat.py). layers: names or suffixes (q_proj, mlp.down_proj); empty: every block linear."""
+
+    bits: int = 4  # 8, 4 or 3
+    group_size: int | None = 128  # None: one scale per output channel
+    symmetric: bool = False
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PretrainConfig:
     """`lmstack pretrain --config X.yaml`: everything a pretraining run needs.
 
@@ -128,3 +139,4 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    qat: QATConfig | None = None

@@ -12,6 +12,7 @@ import torch
 import lmstack
 from lmstack.errors import ConfigError
 from lmstack.quant.gguf import export_gguf, quantize_q4_0, quantize_q8_0
+from lmstack.quant.kquants import q4_k_m_type, quantize_q4_k, quantize_q6_k
 
 gguf = pytest.importorskip("gguf")
 
@@ -26,6 +27,51 @@ def test_block_bytes_equal_the_gguf_package(kind):
     theirs = gguf.quants.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, kind))
     assert ours.shape == theirs.shape == (64, 256 // 32 * (34 if kind == "Q8_0" else 18))
     assert (ours.numpy() == theirs).all()
+
+
+def test_k_quant_blocks_dequantize_within_the_formats_error():
+    """Our Q4_K / Q6_K bytes, read by the gguf package's dequantizer: every value within one step of its
+    sub-block (half a step plus the 6/8-bit scale's rounding), and a smaller RMS error than the 32-block
+    types of the same width (Q4_0; Q6_K against 4x Q8_0's), which is what the K-quants' search buys."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 512) * 0.02
+    w[0, :256] = 0.0  # an all-zero super-block
+    w[1, :16] = 0.0  # an all-zero sub-block
+    w[2, 5] = 0.3  # an outlier
+    w[3, :256] = w[3, :256].abs() + 0.01  # all positive (Q4_K's min clamps at 0)
+    errors = {}
+    for kind, quantize, size in [("Q4_K", quantize_q4_k, 144), ("Q6_K", quantize_q6_k, 210),
+                                 ("Q4_0", quantize_q4_0, 18 * 8), ("Q8_0", quantize_q8_0, 34 * 8)]:
+        data = quantize(w).numpy()
+        assert data.shape == (32, 2 * size)
+        back = torch.from_numpy(gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, kind)))
+        errors[kind] = (back - w).pow(2).mean().sqrt() / w.std()
+        if kind == "Q4_K":  # one step of each 32-value sub-block: its range / 15
+            sub = w.reshape(-1, 32)
+            step = (sub.amax(1) - sub.amin(1).clamp(max=0)) / 15
+            assert ((back - w).abs().reshape(-1, 32) <= step[:, None] + 1e-6).all()
+        if kind == "Q6_K":  # one step of each 16-value sub-block: max |x| / 32
+            step = w.reshape(-1, 16).abs().amax(1) / 32
+            assert ((back - w).abs().reshape(-1, 16) <= step[:, None] + 1e-6).all()
+        assert (back[0, :256] == 0).all()
+        if kind != "Q4_K":  # symmetric codes keep zeros exact; Q4_K's sub-block of 32 has a min offset
+            assert (back[1, :16] == 0).all()
+    assert errors["Q4_K"] < errors["Q4_0"] and errors["Q6_K"] < 4 * errors["Q8_0"]
+    assert errors["Q4_K"] < 0.08 and errors["Q6_K"] < 0.02
+
+
+def test_q4_k_m_chooses_types_as_llama_cpp_does():
+    """llama.cpp's llama_tensor_get_type for LLAMA_FTYPE_MOSTLY_Q4_K_M, on a 32-layer dense model."""
+    six = [i for i in range(32) if q4_k_m_type(f"blk.{i}.attn_v.weight", 4096, 32, False) == "q6_k"]
+    assert six == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert q4_k_m_type("blk.6.ffn_down.weight", 11008, 32, False) == "q6_k"  # 11008 = 43 x 256
+    assert q4_k_m_type("blk.5.ffn_down.weight", 11008, 32, False) == "q4_k"
+    assert q4_k_m_type("blk.5.ffn_down.weight", 11008 + 32, 32, False) == "q5_0"  # rows not a multiple of 256
+    assert q4_k_m_type("blk.0.attn_q.weight", 4096, 32, False) == "q4_k"
+    assert q4_k_m_type("output.weight", 4096, 32, False) == "q6_k"
+    assert q4_k_m_type("token_embd.weight", 4096, 32, False) == "q4_k"
+    assert q4_k_m_type("token_embd.weight", 4096, 32, True) == "q6_k"  # tied: the output's type
+    assert q4_k_m_type("token_embd.weight", 4000, 32, True) == "q8_0"
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +110,57 @@ def test_transformers_reads_the_file_and_its_logits_match(llama_dir, tmp_path, q
     assert {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template"} <= fields
 
 
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory):
+    """Rows of 256 (K-quant super-blocks), 2 layers (use_more_bits picks layer 1 of 2), tied embeddings."""
+    import pydoc_data.topics
+
+    from lmstack.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(iter(list(pydoc_data.topics.topics.values())[:30]), "bpe", 384)
+    torch.manual_seed(0)
+    cfg = lmstack.ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, num_layers=2, num_heads=4,
+                              num_kv_heads=2, intermediate_size=256, max_seq_len=64, tie_word_embeddings=True,
+                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    directory = tmp_path_factory.mktemp("wide") / "model"
+    lmstack.save_model(lmstack.Transformer(cfg), directory, extra_files=tokenizer.files())
+    return directory
+
+
+@pytest.mark.slow  # transformers' GGUF load: ~90 s on the shared machine, as the q8_0 case
+def test_q4_k_m_file_loads_in_transformers_with_llama_cpps_types(wide_llama_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small element-wise ops: a second thread on a busy machine costs 10x and more
+    try:
+        _check_q4_k_m(transformers, wide_llama_dir, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_q4_k_m(transformers, wide_llama_dir, tmp_path):
+    model = lmstack.load_model(wide_llama_dir).eval()
+    path = tmp_path / "model-q4_k_m.gguf"
+    export_gguf(model, wide_llama_dir, path, "q4_k_m")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["token_embd.weight"] == "Q6_K" and "output.weight" not in types  # tied
+    assert [types[f"blk.{i}.attn_v.weight"] for i in range(2)] == ["Q4_K", "Q6_K"]
+    assert [types[f"blk.{i}.ffn_down.weight"] for i in range(2)] == ["Q4_K", "Q6_K"]
+    assert types["blk.1.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q4_K"
+    peer = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        ours, theirs = model(ids), peer(ids).logits
+    assert (ours - theirs).abs().max() <= 0.2 * ours.abs().max()
+
+
 def test_unsupported_models_are_refused(tmp_path, llama_dir):
     gpt2 = lmstack.Transformer(lmstack.preset("gpt2", num_layers=1, hidden_size=64, num_heads=2, vocab_size=300,
                                               bos_token_id=None, eos_token_id=None))
     with pytest.raises(ConfigError, match="GGUF export supports Llama-family models; this one has "
                                           "position_kind=learned"):
         export_gguf(gpt2, llama_dir, tmp_path / "x.gguf", "q8_0")
-    model = lmstack.load_model(llama_dir)
-    with pytest.raises(ConfigError, match="q4_k_m: K-quants"):
-        export_gguf(model, llama_dir, tmp_path / "x.gguf", "q4_k_m")
 
 
 def test_export_cli(llama_dir, tmp_path):

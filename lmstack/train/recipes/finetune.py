@@ -32,11 +32,12 @@ from lmstack.device import resolve_device, resolve_precision
 from lmstack.errors import ConfigError
 from lmstack.interop.hf import load_model
 from lmstack.model.cost import model_cost
+from lmstack.model.protocol import unwrap
 from lmstack.schema import to_dict
 from lmstack.tokenizer import Tokenizer
 from lmstack.tokenizer.chat_template import TEMPLATE_SPECIAL_TOKENS, resolve_template
 from lmstack.train.checkpoint import WholeModel, latest_checkpoint, list_checkpoints
-from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from lmstack.train.config import OptimConfig, QATConfig, ScheduleConfig, TrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
 from lmstack.train.objectives.sft import sft_loss
@@ -65,6 +66,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=10))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, seq_len=512, eval_every=0))
+    qat: QATConfig | None = None  # method full only: lmstack/train/qat.py (OUT/quantized/ after the last step)
 
 
 # ------------------------------------------------------------------------------------------- tokenizer and model
@@ -151,6 +153,11 @@ def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | 
     tokenizer, added = prepare_tokenizer(cfg)
     torch.manual_seed(t.seed)
     model, new_ids = prepare_model(cfg, tokenizer)
+    if cfg.qat is not None:  # quantization-aware training of the whole model (lmstack/train/qat.py)
+        if cfg.method != "full":
+            raise ConfigError(f"qat: trains the base weights, so it needs method: full (this config: {cfg.method})")
+        from lmstack.train.qat import apply_qat
+        apply_qat(model, cfg.qat)
     if t.seq_len > model.config.max_seq_len:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds the model's max_seq_len ({model.config.max_seq_len})")
     train_records, val_records = load_records(cfg.data)
@@ -197,7 +204,13 @@ def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | 
 def run(cfg: FinetuneConfig, resume: bool = False) -> TrainResult:
     dist = init_distributed(resolve_device(cfg.train.device).type)
     try:
-        return build_engine(cfg, resume, dist).fit()
+        engine = build_engine(cfg, resume, dist)
+        result = engine.fit()
+        if cfg.qat is not None and dist.is_main:
+            from lmstack.train.qat import write_quantized
+            out = Path(cfg.out_dir) / "quantized"
+            write_quantized(unwrap(engine.model), cfg.qat, out, Path(cfg.out_dir) / "tokenizer")
+        return result
     finally:
         shutdown_distributed()
 

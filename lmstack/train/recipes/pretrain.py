@@ -20,6 +20,7 @@ from lmstack.config import PRESETS, ModelConfig
 from lmstack.data.loader import PretrainBatches, TokenStream, validation_batches
 from lmstack.device import resolve_device, resolve_precision
 from lmstack.errors import ConfigError
+from lmstack.model.protocol import unwrap
 from lmstack.model.transformer import Transformer
 from lmstack.schema import from_dict, to_dict
 from lmstack.train.checkpoint import WholeModel, latest_checkpoint, list_checkpoints
@@ -28,6 +29,7 @@ from lmstack.train.distributed import DistContext, init_distributed, shutdown_di
 from lmstack.train.engine import Engine, TrainResult
 from lmstack.train.objectives import Loss, causal_lm_loss
 from lmstack.train.objectives.moe import router_losses
+from lmstack.train.qat import apply_qat, write_quantized
 
 _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -115,10 +117,15 @@ def build_engine(cfg: PretrainConfig, resume: bool = False, dist: DistContext | 
     if cfg.objective == "clm":
         model, batches, val = build_parts(cfg, dist)
     else:  # masked LM / span corruption: an encoder or encoder-decoder (lmstack.train.recipes.denoising)
+        if cfg.qat is not None:
+            raise ConfigError(f"qat: trains a decoder's linears with fake quantization; objective {cfg.objective!r} "
+                              "builds an encoder / encoder-decoder (use objective: clm, or drop qat:)")
         from lmstack.train.recipes.denoising import WholeOtherModel, build_denoising_parts
         parts = build_denoising_parts(cfg, dist)
         model, batches, val, objective_fn = parts.model, parts.batches, parts.val, parts.objective
         flops_per_token, store = parts.flops_per_token, WholeOtherModel(extra_files=store.extra_files)
+    if cfg.qat is not None:  # fake-quantized linears train; OUT/quantized/ is written after the last step (run)
+        apply_qat(model, cfg.qat)
     run_config = to_dict(cfg)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +143,11 @@ def run(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
     """Pretrain per `cfg`: join the torchrun process group when there is one, build the engine, fit."""
     dist = init_distributed(resolve_device(cfg.train.device).type)
     try:
-        return build_engine(cfg, resume, dist).fit()
+        engine = build_engine(cfg, resume, dist)
+        result = engine.fit()
+        if cfg.qat is not None and dist.is_main:
+            out = Path(cfg.out_dir) / "quantized"
+            write_quantized(unwrap(engine.model), cfg.qat, out, Path(cfg.data.path) / "tokenizer")
+        return result
     finally:
         shutdown_distributed()
