@@ -121,7 +121,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed row")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
     parser.add_argument("--lr", type=float, help="learning rate (default: per method, LR above)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (the runs go one after another)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (under load, more threads per process ran slower, not faster)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -9,9 +9,9 @@ import re
 import pytest
 
 from lmstack.data.instruct_tasks import KINDS, exact_match, generate_tasks
+from lmstack.data.sft import SFTDataConfig
 from lmstack.errors import ConfigError
 from lmstack.train.recipes.finetune import load_records
-from lmstack.data.sft import SFTDataConfig
 
 
 def solve(prompt: str) -> str:
