@@ -27,7 +27,7 @@ DATA = ROOT.parent / "shared" / "data"
 LR = {"full": 2e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3}
 
 
-def pretrain(work: Path, steps: int) -> Path:
+def pretrain(work: Path, steps: int, threads: int) -> Path:
     """The base model (cached in WORK/base)."""
     base = work / "base"
     if (base / "config.json").exists():
@@ -47,7 +47,7 @@ def pretrain(work: Path, steps: int) -> Path:
         "--model.num_heads=4", "--model.num_kv_heads=4", "--model.intermediate_size=344",
         "--model.tie_word_embeddings=true", "--model.max_seq_len=256", "--optim.lr=2e-3", "--optim.betas=[0.9, 0.99]",
         "--schedule.warmup_steps=50", "--schedule.min_lr=2e-4", f"--train.steps={steps}", "--train.batch_size=8",
-        "--train.seq_len=256", "--train.eval_every=0", "--train.eval_windows=64", "--train.threads=1",
+        "--train.seq_len=256", "--train.eval_every=0", "--train.eval_windows=64", f"--train.threads={threads}",
         "--train.progress=false"])
     result = run(cfg)
     result.checkpoint.rename(base)
@@ -55,28 +55,29 @@ def pretrain(work: Path, steps: int) -> Path:
 
 
 def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int, n_eval: int, seq_len: int,
-                    batch_size: int) -> None:
+                    batch_size: int, lr: float | None, threads: int) -> None:
     """Run one method and evaluate it; prints one JSON line (this process's peak memory included)."""
     import torch
 
     from lmstack.adapters import unload
-    from lmstack.data.instruct_tasks import exact_match, generate_tasks
-    from lmstack.generate.generate import generate
+    from lmstack.data.instruct_tasks import KINDS, exact_match, generate_tasks
+    from lmstack.generate.api import generate
     from lmstack.schema import load_config
     from lmstack.train.recipes.finetune import FinetuneConfig, build_engine
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     out = Path(work) / method
     cfg = load_config(FinetuneConfig, None, [
         f"--model={base}", f"--method={method}", f"--out_dir={out}", "--data.train=builtin:instruct-tasks",
-        f"--data.max_samples={n_train}", "--data.chat_template=chatml", f"--optim.lr={LR[method]}",
+        f"--data.max_samples={n_train}", "--data.chat_template=chatml", f"--optim.lr={lr or LR[method]}",
         "--optim.weight_decay=0.0", "--schedule.warmup_steps=30", f"--train.steps={steps}",
-        f"--train.batch_size={batch_size}", f"--train.seq_len={seq_len}", "--train.eval_every=0", "--train.progress=false", "--train.threads=1",
+        f"--train.batch_size={batch_size}", f"--train.seq_len={seq_len}", "--train.eval_every=0", "--train.progress=false", f"--train.threads={threads}",
         "--lora.r=16", "--lora.lora_alpha=32", "--lora.target_modules=all-linear"])
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     engine = build_engine(cfg)
     result = engine.fit()
     minutes = (time.perf_counter() - started) / 60
+    cpu_minutes = (time.process_time() - cpu_started) / 60  # what the run cost, whatever else shares the machine
     tokenizer_dir = out / "tokenizer"
     from lmstack.tokenizer import Tokenizer
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -90,9 +91,10 @@ def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int,
     end = [tokenizer.token_to_id("<|im_end|>")]
     correct, by_kind = 0, {}
     for i in range(0, len(prompts), 32):
-        outputs = generate(model, tokenizer, prompts[i:i + 32], max_new_tokens=16, eos_token_ids=end)
-        for problem, text in zip(problems[i:i + 32], outputs.texts):
-            kind = problem["prompt"].split()[0]
+        outputs = generate(model, tokenizer, prompts[i:i + 32], max_new_tokens=16, eos_token_ids=end,
+                           add_special_tokens=False)  # the chat template wrote every special token
+        for j, (problem, text) in enumerate(zip(problems[i:i + 32], outputs.texts)):
+            kind = KINDS[(i + j) % len(KINDS)]  # generate_tasks makes the kinds in turn
             ok = exact_match(text, problem["completion"])
             correct += ok
             hits, total = by_kind.get(kind, (0, 0))
@@ -102,7 +104,7 @@ def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int,
     report = json.loads((out / "data_report.json").read_text())
     print(json.dumps({"benchmark": "finetune_quality", "method": method, "accuracy": round(correct / len(problems), 4),
                       "accuracy_by_kind": {k: round(h / t, 3) for k, (h, t) in by_kind.items()},
-                      "heldout_problems": len(problems), "minutes": round(minutes, 2),
+                      "heldout_problems": len(problems), "minutes": round(minutes, 2), "cpu_minutes": round(cpu_minutes, 2),
                       "peak_mem_mib": round(peak / 1024, 1), "final_train_loss": round(result.final_loss, 4),
                       "steps": steps, "epochs": report["epochs"], "trainable_params": report["trainable_parameters"],
                       "threads": torch.get_num_threads()}), flush=True)
@@ -115,22 +117,26 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["full", "lora", "dora", "qlora"])
     parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--sft-steps", type=int, default=600)
-    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-eval", type=int, default=400)
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed row")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--lr", type=float, help="learning rate (default: per method, LR above)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (under load, more threads per process ran slower, not faster)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "BASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         finetune_worker(args.worker[0], args.worker[1], str(args.work), args.sft_steps, args.n_train, args.n_eval,
-                        args.seq_len, args.batch_size)
+                        args.seq_len, args.batch_size, args.lr, args.threads)
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    base = args.base or pretrain(args.work, args.pretrain_steps)
+    base = args.base or pretrain(args.work, args.pretrain_steps, args.threads)
     for method in args.methods:
         subprocess.run([sys.executable, __file__, "--worker", method, str(base), "--work", str(args.work),
                         "--sft-steps", str(args.sft_steps), "--n-train", str(args.n_train), "--n-eval",
-                        str(args.n_eval), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)],
+                        str(args.n_eval), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+                        "--threads", str(args.threads), *(["--lr", str(args.lr)] if args.lr else [])],
                        check=True)
 
 

@@ -72,13 +72,17 @@ class LoraLinear(nn.Module):
         lora = self.lora_B(self.lora_A(dropped) * self.scaling)  # the scale on the (..., r) tensor: cheaper
         if not self.use_dora:
             return y + lora  # not in place: a base linear's output may be a view made inside a custom op (oneDNN)
+        # peft's y + (m/n - 1) W x' + (m/n) s B A x', regrouped as y - W x' + (m/n) (W x' + s B A x'): two passes
+        # over the (..., d_out) output instead of four, and one tensor kept for backward instead of two
         scale = self.lora_magnitude_vector / self.weight_norm()  # (d_out,)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)
-            base = y if bias is None else y - bias  # W x, reused from the base layer's output
-        else:  # peft: with dropout active, DoRA rescales W applied to the dropped-out input
-            base = F.linear(dropped, dense_weight(self.base_layer).to(dropped.dtype))
-        return y + (scale - 1) * base + scale * lora
+            if bias is None:  # x' = x: W x is the base layer's output, so y - W x' cancels
+                return scale * (y + lora)
+            return scale * (y - bias + lora) + bias
+        # peft: with dropout active, DoRA rescales W applied to the dropped-out input (a second matmul)
+        base = F.linear(dropped, dense_weight(self.base_layer).to(dropped.dtype))
+        return y - base + scale * (base + lora)
 
     # -------------------------------------------------------------------------------------- merge
     @torch.no_grad()

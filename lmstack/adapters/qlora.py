@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.adapters.inject import linear_modules, set_module
+from lmstack.model.linear import nt_matmul
 from lmstack.quant.nf4 import CODES, DQ_BLOCK_SIZE, NF4Weight, dynamic_map, quantize_nf4
 
 
@@ -47,16 +48,20 @@ def dequantize(q: NF4Weight, table: torch.Tensor, dtype: torch.dtype, dq_code: t
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """y = x @ dequantize(W)^T, with W dequantized again in backward instead of saved."""
+    """y = x @ dequantize(W)^T, with W dequantized again in backward instead of saved. Both products go through
+    `nt_matmul`, the GEMM a dense lmstack `Linear` trains with (oneDNN for fp32 on the CPU)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.weight_for(x.dtype))
+        weight = layer.weight_for(x.dtype)  # (d_out, d_in)
+        return nt_matmul(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.layer.weight_for(grad.dtype), None  # (..., d_out) @ (d_out, d_in)
+        weight = ctx.layer.weight_for(grad.dtype)
+        grad_x = nt_matmul(grad.reshape(-1, grad.shape[-1]), weight.t())  # (n, d_out) @ (d_out, d_in): W^T a view
+        return grad_x.view(*grad.shape[:-1], weight.shape[1]), None
 
 
 class NF4Linear(nn.Module):

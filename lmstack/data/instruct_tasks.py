@@ -1,10 +1,16 @@
 """A verifiable instruction task that ships as a generator: short problems with one exact answer.
 
 Four kinds, phrased as instructions, each checkable by string equality:
-    add       "What is 47 + 38?"                                    -> "85"
-    sort      "Sort these numbers from smallest to largest: 7 2 9"  -> "2 7 9"   (3-5 digits)
-    reverse   "Write the letters of 'plan' in reverse order."       -> "nalp"    (3-5 letters)
-    upper     "Write 'table' in capital letters."                   -> "TABLE"
+    add       "What is 47 plus 8?"                                 -> "55"      (two digits plus one)
+    sort      "Sort these numbers from smallest to largest: 7 2 9" -> "2 7 9"   (three digits)
+    reverse   "Write the letters of 'plan' in reverse order."      -> "nalp"    (four letters)
+    upper     "Write 'tabl' in capital letters."                   -> "TABL"    (four letters)
+
+The sizes are fixed on purpose: a small model fine-tuned for a few CPU minutes learns them (every answer
+character sits at a fixed distance from what it is computed from), where variable lengths, two-digit
+addends and the `+` sign (absent from a character vocabulary trained on prose) left a 0.8M-parameter model
+at ~2% after 6,400 samples. `add` has 900 distinct problems and `sort` 1,000, so a training set of a few
+thousand records leaves unseen problems of every kind for evaluation.
 
 `generate_tasks(n, seed)` is a pure function of its arguments; held-out sets exclude the prompts of a
 training set (`exclude`), so exact match on them measures generalisation, not recall. Used by
@@ -20,31 +26,40 @@ from collections.abc import Iterable
 
 KINDS = ("add", "sort", "reverse", "upper")
 BUILTIN = "builtin:instruct-tasks"
+SPACE = {"add": 90 * 10, "sort": 10**3, "reverse": 26**4, "upper": 26**4}  # distinct problems of each kind
 
 
 def _problem(rng: random.Random, kind: str) -> tuple[str, str]:
     if kind == "add":
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        return f"What is {a} + {b}?", str(a + b)
+        a, b = rng.randint(10, 99), rng.randint(0, 9)
+        return f"What is {a} plus {b}?", str(a + b)
     if kind == "sort":
-        numbers = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+        numbers = [rng.randint(0, 9) for _ in range(3)]
         return (f"Sort these numbers from smallest to largest: {' '.join(map(str, numbers))}",
                 " ".join(map(str, sorted(numbers))))
-    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5 if kind == "reverse" else 6)))
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(4))
     if kind == "reverse":
         return f"Write the letters of '{word}' in reverse order.", word[::-1]
     return f"Write '{word}' in capital letters.", word.upper()
 
 
 def generate_tasks(n: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[dict[str, str]]:
-    """n distinct problems as {"prompt", "completion"} records (kinds in turn), none of whose prompts is in `exclude`."""
+    """n distinct problems as {"prompt", "completion"} records (kinds in turn: record i is KINDS[i % 4]), none of
+    whose prompts is in `exclude`. ValueError when a kind has fewer unused problems than n asks of it."""
     rng = random.Random(seed)
     seen = set(exclude)
     records: list[dict[str, str]] = []
+    misses = 0
     while len(records) < n:
-        prompt, answer = _problem(rng, KINDS[len(records) % len(KINDS)])
+        kind = KINDS[len(records) % len(KINDS)]
+        prompt, answer = _problem(rng, kind)
         if prompt in seen:
+            misses += 1
+            if misses > 100 * SPACE[kind]:  # a kind's problems ran out: fail instead of looping forever
+                raise ValueError(f"generate_tasks: only {SPACE[kind]:,} distinct {kind!r} problems exist; "
+                                 f"{n:,} records (with {len(seen) - len(records):,} excluded) need more")
             continue
+        misses = 0
         seen.add(prompt)
         records.append({"prompt": prompt, "completion": answer})
     return records

@@ -89,3 +89,81 @@ def test_merge_unmerge_and_unload_keep_the_adapted_logits(hf_base, tmp_path, fam
         lmstack.save_model(model, tmp_path / "merged")
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         torch.testing.assert_close(reloaded(x).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_training_gradients_equal_peft(hf_base, tmp_path, variant):
+    """In training mode the loss and every adapter gradient equal peft's. DoRA's norm is a constant in backward on
+    both sides, so the magnitude's gradient matches too."""
+    directory, _ = hf_base("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = transformers.AutoModelForCausalLM.from_pretrained(directory)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"],
+                                 task_type="CAUSAL_LM", **VARIANTS[variant])
+        theirs = peft.get_peft_model(base, config)
+    randomize_adapter_weights(theirs)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = lmstack.load_model(directory, adapter=tmp_path / "adapter")
+    theirs.train(), ours.train()
+    x = ids()
+    their_loss = theirs(input_ids=x, labels=x).loss
+    their_loss.backward()
+    loss = ours(x[:, :-1], targets=x[:, 1:])  # summed over the tokens
+    loss = loss / x[:, 1:].numel()
+    loss.backward()
+    torch.testing.assert_close(loss, their_loss, atol=1e-5, rtol=1e-5)
+    their_grads = {n.replace(".default", "").replace("vector.weight", "vector").split("model.layers.")[-1]: p.grad
+                   for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n.split("layers.", 1)[-1]: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(our_grads) == set(their_grads) and len(our_grads) == 2 * 7 * 2 + (2 * 7 if variant == "dora" else 0)
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_one_layer_with_dropout_equals_peft(use_dora, bias):
+    """Dropout active, the same seed on both sides (one dropout draw per forward on each): peft's layer and
+    LoraLinear give the same output and gradients (DoRA's dropout path applies W to the dropped-out input)."""
+    from lmstack.adapters.lora import LoraLinear
+    from lmstack.model.linear import Linear
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("proj", torch.nn.Linear(24, 40, bias=bias))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(net, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["proj"],
+                                                          use_dora=use_dora))
+    randomize_adapter_weights(theirs)
+    layer = theirs.base_model.model.proj
+    base = Linear(24, 40, bias=bias)
+    with torch.no_grad():
+        base.weight.copy_(layer.base_layer.weight)
+        if bias:
+            base.bias.copy_(layer.base_layer.bias)
+    ours = LoraLinear(base, r=4, lora_alpha=8, lora_dropout=0.3, use_dora=use_dora)
+    with torch.no_grad():
+        ours.lora_A.weight.copy_(layer.lora_A["default"].weight)
+        ours.lora_B.weight.copy_(layer.lora_B["default"].weight)
+        if use_dora:
+            ours.lora_magnitude_vector.copy_(layer.lora_magnitude_vector["default"].weight)
+    base.requires_grad_(False)
+    theirs.train(), ours.train()
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1))
+    x_theirs, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.manual_seed(5)
+    expected = theirs(x_theirs)
+    torch.manual_seed(5)
+    got = ours(x_ours)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, atol=1e-5, rtol=1e-5)
+    pairs = [(ours.lora_A.weight, layer.lora_A["default"].weight), (ours.lora_B.weight, layer.lora_B["default"].weight)]
+    if use_dora:
+        pairs.append((ours.lora_magnitude_vector, layer.lora_magnitude_vector["default"].weight))
+    for mine, peers in pairs:
+        torch.testing.assert_close(mine.grad, peers.grad, atol=1e-5, rtol=1e-5)

@@ -118,9 +118,12 @@ def load_records(cfg: SFTDataConfig) -> tuple[list, list]:
     if not cfg.train:
         raise ConfigError("data.train is required: JSON / JSONL files, or builtin:instruct-tasks")
     if cfg.train == [instruct_tasks.BUILTIN]:
-        n = cfg.max_samples or 20000
-        train = instruct_tasks.generate_tasks(n, cfg.seed)
-        val = instruct_tasks.generate_tasks(max(64, n // 50), cfg.seed + 1, exclude=(r["prompt"] for r in train))
+        n = cfg.max_samples or 2000  # add and sort have ~1,000 problems each: leave some unseen
+        try:
+            train = instruct_tasks.generate_tasks(n, cfg.seed)
+            val = instruct_tasks.generate_tasks(max(64, n // 50), cfg.seed + 1, exclude=(r["prompt"] for r in train))
+        except ValueError as e:
+            raise ConfigError(f"data.max_samples={n}: {e}; ask for fewer samples") from None
         return ([(f"{instruct_tasks.BUILTIN}[{i}]", r) for i, r in enumerate(train)],
                 [(f"{instruct_tasks.BUILTIN}:val[{i}]", r) for i, r in enumerate(val)])
     train = [item for path in cfg.train for item in read_records(path)]
