@@ -25,6 +25,7 @@ VERBS: dict[str, str] = {
     "pretrain": "lmstack.cli.pretrain:main",
     "generate": "lmstack.cli.generate:main",
     "chat": "lmstack.cli.chat:main",
+    "align": "lmstack.cli.align:main",
 }
 
 

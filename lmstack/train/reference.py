@@ -57,9 +57,6 @@ class FrozenReference:
 
 
 # ------------------------------------------------------------------------------------------- cached on disk
-REFERENCE_FILE = "reference_logps.safetensors"
-
-
 def fingerprint(rows: Sequence[Any], reference_id: str) -> str:
     """SHA-256 over the examples' token ids and the reference's identity: a cache is valid only for both."""
     h = hashlib.sha256(reference_id.encode())
@@ -96,10 +93,10 @@ def compute_sequence_logps(reference: Reference, batches: Sequence[dict[str, tor
     return torch.cat(out)
 
 
-def cached_reference_logps(directory: str | Path, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The (N, R) reference log-probabilities stored in `directory` under fingerprint `key`, computed (and
-    written atomically) when absent or stale."""
-    path = Path(directory) / REFERENCE_FILE
+def cached_reference_logps(path: str | Path, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The (N, R) reference log-probabilities stored in the safetensors file `path` under fingerprint `key`,
+    computed (and written atomically) when the file is absent or holds another fingerprint."""
+    path = Path(path)
     if path.exists():
         with safe_open(path, framework="pt") as f:
             if (f.metadata() or {}).get("fingerprint") == key:

@@ -57,3 +57,19 @@ def random_pairs(n: int, seed: int, vocab: int = 211, equal_chosen: bool = False
             prompt, chosen = ids(2, 6), ids(1, 7)
         pairs.append(EncodedPair(prompt, chosen, ids(1, 7), i))
     return pairs
+
+
+@pytest.fixture(scope="session")
+def task_model_dir(tmp_path_factory) -> Path:
+    """A tiny random character-level model for the synthetic tasks (letters a-h, digits, '+', '=', ':')."""
+    import lmstack
+    from lmstack.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(iter(["abcdefgh:0123456789+="]), "char", None)
+    torch.manual_seed(0)
+    config = lmstack.ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                                 intermediate_size=64, max_seq_len=24, tie_word_embeddings=True,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    directory = tmp_path_factory.mktemp("task-model") / "model"
+    lmstack.save_model(lmstack.Transformer(config), directory, extra_files=tokenizer.files())
+    return directory

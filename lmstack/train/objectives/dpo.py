@@ -18,8 +18,8 @@ sums over completion tokens:
 Implicit rewards (logged) are β(log π - log π_ref), for simpo and orpo β·avg log π, as in trl.
 
 The objective returns the loss SUMMED over pairs (KTO: examples) and their count (lmstack Loss), with
-the logged metrics summed over the same pairs: reward_accuracy (pairs with chosen reward > rejected),
-reward_margin, reward_chosen / reward_rejected, logps_chosen / logps_rejected.
+the logged metrics summed over the same pairs: reward_accuracy (pairs with chosen reward > rejected, as
+trl counts it), reward_ties (equal rewards: every pair at the first step, where policy = reference), reward_margin, reward_chosen / reward_rejected, logps_chosen / logps_rejected.
 
 One difference from trl, on purpose: ORPO's NLL term is each pair's mean over its chosen tokens (summed
 over pairs like every other term), where trl takes one mean over all chosen tokens of the device batch,
@@ -208,6 +208,7 @@ def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, 
                   rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sums over the pairs (the engine logs sum / pairs)."""
     return {"reward_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+            "reward_ties": (chosen_rewards == rejected_rewards).float().sum(),
             "reward_margin": (chosen_rewards - rejected_rewards).sum(),
             "reward_chosen": chosen_rewards.sum(), "reward_rejected": rejected_rewards.sum(),
             "logps_chosen": chosen_logps.sum(), "logps_rejected": rejected_logps.sum()}
