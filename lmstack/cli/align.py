@@ -1,6 +1,7 @@
 """`lmstack align`: preference alignment and AI feedback.
 
     lmstack align rm|dpo|ppo|grpo|rloo --config X.yaml [--section.key=value ...] [--resume]
+    lmstack align sft     --task arithmetic|sorted_letters --out DIR        (a starting model for a synthetic task)
     lmstack align label   --judge MODEL_DIR|URL --pairs IN.jsonl --out PREFS.jsonl             (RLAIF)
     lmstack align winrate --judge MODEL_DIR|URL --prompts P.jsonl --policy DIR --reference DIR [--out R.json]
 """
@@ -40,6 +41,22 @@ def _train(method: str, argv: list[str]) -> int:
         print(json.dumps({"method": method, "steps": result.steps, "train_loss": result.final_loss,
                           "val_loss": result.val_loss, "wall_s": round(time.perf_counter() - started, 1),
                           "heldout": summary.get("heldout"), "model": summary.get("model")}))
+    return 0
+
+
+def _sft(argv: list[str]) -> int:
+    """A starting model for a synthetic task: character tokenizer, small transformer, short SFT on demonstrations."""
+    from lmstack.align.task_models import TASKS, train_task_model
+
+    parser = argparse.ArgumentParser(prog="lmstack align sft", description=_sft.__doc__)
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--out", required=True, help="the model directory to write")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    path = train_task_model(args.task, args.out, steps=args.steps, seed=args.seed, progress=True)
+    print(json.dumps({"task": args.task, "model": str(path), "wall_s": round(time.perf_counter() - started, 1)}))
     return 0
 
 
@@ -135,13 +152,15 @@ def _winrate(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """Align a model: rm | dpo | ppo | grpo | rloo training, label (AI-feedback pairs), winrate (judge)."""
-    verbs = TRAIN_METHODS + ("label", "winrate")
+    verbs = TRAIN_METHODS + ("sft", "label", "winrate")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb in TRAIN_METHODS:
         return _train(verb, rest)
+    if verb == "sft":
+        return _sft(rest)
     if verb == "label":
         return _label(rest)
     if verb == "winrate":

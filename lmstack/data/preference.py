@@ -417,6 +417,14 @@ def collate_unpaired(examples: Sequence[EncodedExample], pad_id: int) -> dict[st
     return batch
 
 
+def collate_completions(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """B prompts with completions -> input_ids / attention_mask / targets (B, T), targets on the completion only
+    (supervised fine-tuning on demonstrations: the prompt is context, not something to learn)."""
+    batch = _pad_rows([e.prompt + e.completion for e in examples], [len(e.prompt) for e in examples], pad_id)
+    batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
+    return batch
+
+
 class ExampleBatches:
     """Training batches over a fixed list of examples: a pure function of the optimizer step.
 
@@ -476,6 +484,6 @@ def split_holdout(items: Sequence[Any], fraction: float, seed: int) -> tuple[lis
 
 
 __all__ = ["EncodeStats", "EncodedExample", "EncodedPair", "ExampleBatches", "IGNORE_INDEX", "PreferencePair",
-           "PromptRecord", "Renderer", "UnpairedExample", "collate_pairs", "collate_unpaired", "fixed_batches",
+           "PromptRecord", "Renderer", "UnpairedExample", "collate_pairs", "collate_completions", "collate_unpaired", "fixed_batches",
            "parse_hh_dialogue", "read_jsonl", "read_pairs", "read_prompts", "read_unpaired", "split_dialogues",
            "split_holdout"]

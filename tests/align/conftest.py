@@ -61,11 +61,11 @@ def random_pairs(n: int, seed: int, vocab: int = 211, equal_chosen: bool = False
 
 @pytest.fixture(scope="session")
 def task_model_dir(tmp_path_factory) -> Path:
-    """A tiny random character-level model for the synthetic tasks (letters a-h, digits, '+', '=', ':')."""
+    """A tiny random character-level model for the synthetic tasks (lmstack.align.task_models' alphabet)."""
     import lmstack
-    from lmstack.tokenizer import train_tokenizer
+    from lmstack.align.task_models import task_tokenizer
 
-    tokenizer = train_tokenizer(iter(["abcdefgh:0123456789+="]), "char", None)
+    tokenizer = task_tokenizer()
     torch.manual_seed(0)
     config = lmstack.ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
                                  intermediate_size=64, max_seq_len=24, tie_word_embeddings=True,
