@@ -273,13 +273,13 @@ class Renderer:
         if self.chat:
             text = self.tokenizer.apply_chat_template(_messages(prompt, "user"), add_generation_prompt=True)
         else:
-            text = _plain_prompt(prompt)
+            text = plain_prompt(prompt)
         return self.tokenizer.encode(text)
 
     def completion_ids(self, prompt: Turns, prompt_ids: list[int], completion: Turns) -> tuple[list[int], list[int]]:
         """-> (the prompt ids as they appear before the completion, the completion ids)."""
         if not self.chat:
-            ids = self.tokenizer.encode(_plain_completion(completion))
+            ids = self.tokenizer.encode(plain_completion(completion))
             return prompt_ids, ids + ([self.eos] if self.eos is not None else [])
         full, mask = self.tokenizer.render_chat(_messages(prompt, "user") + _messages(completion, "assistant"))
         start = _common_prefix(prompt_ids, full)  # < len(prompt_ids) only where tokens merge across the boundary
@@ -303,7 +303,9 @@ class Renderer:
         return completion
 
     # --------------------------------------------------------------- records
-    def encode_pairs(self, pairs: Sequence[PreferencePair]) -> tuple[list[EncodedPair], EncodeStats]:
+    def encode_pairs(self, pairs: Sequence[PreferencePair], first_index: int = 0
+                     ) -> tuple[list[EncodedPair], EncodeStats]:
+        """Kept pairs numbered from `first_index` (the key of cached reference log-probabilities), and the counts."""
         stats, out = EncodeStats(), []
         for pair in pairs:
             if self.is_empty(pair.chosen) or self.is_empty(pair.rejected):
@@ -328,11 +330,12 @@ class Renderer:
             if cut_chosen == cut_rejected:  # identical within max_len: nothing to prefer
                 stats.note("identical", pair.source)
                 continue
-            out.append(EncodedPair(prompt, cut_chosen, cut_rejected, len(out), pair.margin))
+            out.append(EncodedPair(prompt, cut_chosen, cut_rejected, first_index + len(out), pair.margin))
         stats.kept = len(out)
         return out, stats
 
-    def encode_unpaired(self, examples: Sequence[UnpairedExample]) -> tuple[list[EncodedExample], EncodeStats]:
+    def encode_unpaired(self, examples: Sequence[UnpairedExample], first_index: int = 0
+                        ) -> tuple[list[EncodedExample], EncodeStats]:
         stats, out = EncodeStats(), []
         for ex in examples:
             if self.is_empty(ex.completion):
@@ -342,7 +345,7 @@ class Renderer:
             completion = self.fit(prompt, completion, ex.source, stats)
             if completion is None:
                 continue
-            out.append(EncodedExample(prompt, completion, ex.label, len(out)))
+            out.append(EncodedExample(prompt, completion, ex.label, first_index + len(out)))
         stats.kept = len(out)
         return out, stats
 
@@ -351,7 +354,7 @@ def _messages(turns: Turns, role: str) -> list[Message]:
     return [{"role": role, "content": turns}] if isinstance(turns, str) else list(turns)
 
 
-def _plain_prompt(prompt: Turns) -> str:
+def plain_prompt(prompt: Turns) -> str:
     """A text prompt as is; a conversation HH-style, ending where the assistant's answer starts."""
     if isinstance(prompt, str):
         return prompt
@@ -359,7 +362,7 @@ def _plain_prompt(prompt: Turns) -> str:
     return "".join(f"\n\n{names.get(m['role'], m['role'].title())}: {m['content']}" for m in prompt) + "\n\nAssistant:"
 
 
-def _plain_completion(completion: Turns) -> str:
+def plain_completion(completion: Turns) -> str:
     if isinstance(completion, str):
         return completion
     return " " + "\n\n".join(m["content"] for m in completion)
@@ -485,5 +488,5 @@ def split_holdout(items: Sequence[Any], fraction: float, seed: int) -> tuple[lis
 
 __all__ = ["EncodeStats", "EncodedExample", "EncodedPair", "ExampleBatches", "IGNORE_INDEX", "PreferencePair",
            "PromptRecord", "Renderer", "UnpairedExample", "collate_pairs", "collate_completions", "collate_unpaired", "fixed_batches",
-           "parse_hh_dialogue", "read_jsonl", "read_pairs", "read_prompts", "read_unpaired", "split_dialogues",
+           "parse_hh_dialogue", "plain_completion", "plain_prompt", "read_jsonl", "read_pairs", "read_prompts", "read_unpaired", "split_dialogues",
            "split_holdout"]

@@ -189,15 +189,19 @@ def _say(message: str) -> None:
 
 
 def _pairs(cfg: AlignConfig, renderer: Renderer, path: Path, counts: dict[str, Any]) -> tuple[list, list]:
-    """Encoded training and held-out examples: pairs, or unpaired examples for KTO."""
+    """Encoded training and held-out examples (pairs, or unpaired examples for KTO). The held-out records are
+    chosen before rendering (split_holdout(records, data.val_fraction, train.seed)), so a benchmark can
+    reproduce the split, e.g. to keep held-out dialogues out of a model's pretraining."""
     kto = cfg.method == "dpo" and cfg.dpo.loss == "kto"
     records = read_unpaired(path) if kto else read_pairs(path)
     records = records[:cfg.data.limit] if cfg.data.limit else records
-    encoded, stats = (renderer.encode_unpaired if kto else renderer.encode_pairs)(records)
+    train_records, held_records = split_holdout(records, cfg.data.val_fraction, cfg.train.seed)
+    encode = renderer.encode_unpaired if kto else renderer.encode_pairs
+    train, stats = encode(train_records)
+    held, held_stats = encode(held_records, first_index=len(train))
     counts["data"] = stats.to_dict()
-    _say(f"{path}: {stats.summary()}")
-    train, held = split_holdout(encoded, cfg.data.val_fraction, cfg.train.seed)
-    counts.update(train_examples=len(train), heldout_examples=len(held))
+    counts.update(train_examples=len(train), heldout_examples=len(held), heldout_data=held_stats.to_dict())
+    _say(f"{path}: training {stats.summary()}; held out {held_stats.summary()}")
     return train, held
 
 
