@@ -117,16 +117,22 @@ def bench_grpo(args, work: Path) -> dict:
     from lmstack.tokenizer import Tokenizer
 
     started = time.perf_counter()
-    sft = train_task_model("arithmetic", work / "arith-sft", steps=args.sft_steps, seed=args.seed)
+    sft = train_task_model("arithmetic", work / "arith-sft", steps=args.grpo_sft_steps, hidden_size=128,
+                           seed=args.seed)
     tokenizer = Tokenizer.load(sft)
     seen = {r["prompt"] for r in arithmetic_problems(2000, args.seed)}  # the GRPO run's prompts
-    held = [r for r in arithmetic_problems(4 * args.samples, args.seed + 7) if r["prompt"] not in seen][:args.samples]
+    held = [r for r in arithmetic_problems(8 * args.samples, args.seed + 7) if r["prompt"] not in seen][:args.samples]
 
-    def accuracy(directory) -> float:
-        answers = sample_answers(load_model(directory).eval(), tokenizer, [r["prompt"] for r in held])
-        return sum(arithmetic_exact_match("", a, r) for a, r in zip(answers, held)) / len(held)
+    def accuracy(directory, temperature: float = 0.0, repeats: int = 1) -> float:
+        """Greedy exact match, or (temperature 1) the mean over `repeats` samples per problem: pass@1."""
+        model, hits = load_model(directory).eval(), 0.0
+        for seed in range(repeats):
+            answers = sample_answers(model, tokenizer, [r["prompt"] for r in held], temperature=temperature,
+                                     seed=args.seed + seed)
+            hits += sum(arithmetic_exact_match("", a, r) for a, r in zip(answers, held))
+        return hits / (len(held) * repeats)
 
-    before = accuracy(sft)
+    before, sampled_before = accuracy(sft), accuracy(sft, 1.0, 4)
     result, summary = _align({
         "method": "grpo", "model": str(sft), "out_dir": str(work / "grpo"),
         "data": {"task": "arithmetic", "task_size": 2000},
@@ -139,10 +145,14 @@ def bench_grpo(args, work: Path) -> dict:
     rollouts = summary["rollouts"]
     return {"method": "grpo", "task": "two-digit addition, exact match", "heldout_problems": len(held),
             "accuracy_before": round(before, 3), "accuracy_after": round(accuracy(summary["model"]), 3),
+            "sampled_accuracy_before": round(sampled_before, 3),
+            "sampled_accuracy_after": round(accuracy(summary["model"], 1.0, 4), 3),
+            "accuracy_note": "accuracy: greedy; sampled: temperature 1 (the policy GRPO trains), 4 samples each",
             "generation_time_fraction": round(rollouts["generation_time_fraction"], 3),
             "rollout_time_fraction": round(rollouts["rollout_s"] / result.wall_s, 3),
             "group_size": args.group_size, "prompts_per_step": args.prompts, "grpo_steps": args.grpo_steps,
-            "sft_steps": args.sft_steps, "samples": rollouts["samples"], "train_wall_s": round(result.wall_s, 1),
+            "lr": args.grpo_lr, "sft_steps": args.grpo_sft_steps, "samples": rollouts["samples"],
+            "train_wall_s": round(result.wall_s, 1),
             "wall_s": round(time.perf_counter() - started, 1), "generation": "one batched lmstack.generate call "
             "per step (prompts x G rows), eager", **machine()}
 
@@ -375,13 +385,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the tiny task models")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=300, help="held-out prompts / problems")
-    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--sft-steps", type=int, default=300, help="dpo: SFT steps of the sorted-letters model")
+    parser.add_argument("--grpo-sft-steps", type=int, default=600, help="grpo: SFT steps of the arithmetic model")
     parser.add_argument("--dpo-steps", type=int, default=150)
     parser.add_argument("--dpo-lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--grpo-steps", type=int, default=100)
-    parser.add_argument("--grpo-lr", type=float, default=1e-3)
-    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--grpo-steps", type=int, default=200)
+    parser.add_argument("--grpo-lr", type=float, default=1e-4)
+    parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=16, help="GRPO prompts per step")
     parser.add_argument("--lm-steps", type=int, default=400, help="rm: pretraining steps of the HH language model")
     parser.add_argument("--rm-steps", type=int, default=300)

@@ -51,11 +51,13 @@ def _sft(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmstack align sft", description=_sft.__doc__)
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--out", required=True, help="the model directory to write")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    path = train_task_model(args.task, args.out, steps=args.steps, seed=args.seed, progress=True)
+    path = train_task_model(args.task, args.out, steps=args.steps, hidden_size=args.hidden_size, seed=args.seed,
+                            progress=True)
     print(json.dumps({"task": args.task, "model": str(path), "wall_s": round(time.perf_counter() - started, 1)}))
     return 0
 

@@ -146,3 +146,16 @@ def tiny_judge(tmp_path):
     model = lmstack.Transformer(lmstack.preset("llama-tiny", vocab_size=tokenizer.vocab_size, max_seq_len=512,
                                                eos_token_id=tokenizer.eos_token_id))
     return model, tokenizer
+
+
+def test_winrate_command_generates_both_sides_and_judges(judge_url, task_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+{i}="}) + "\n" for i in range(6)))
+    report_file = tmp_path / "report.json"
+    assert cli(["align", "winrate", "--judge", judge_url, "--prompts", str(prompts), "--policy", str(task_model_dir),
+                "--reference", str(task_model_dir), "--max-new-tokens", "3", "--out", str(report_file)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the same model greedy on both sides: identical answers, which a length judge calls ties (A both times)
+    assert report["comparisons"] == 6 and report["ties"] == 6 and report["win_rate"] == 0.5
+    saved = json.loads(report_file.read_text())
+    assert len(saved["answers"]) == 6 and saved["answers"][0]["policy"] == saved["answers"][0]["reference"]

@@ -93,6 +93,8 @@ class AlignConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant"))
+    # train.batch_size: pairs per micro-batch (rm, dpo); for rollouts, the rows of each no-grad forward (reference,
+    # old log-probabilities), a micro-batch being the rollout / (rollout.minibatches x train.grad_accum)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, batch_size=8, eval_every=0))
 
 
