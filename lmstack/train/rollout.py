@@ -5,8 +5,11 @@ model) with the current model in eval mode. Every `epochs × minibatches` optimi
 
   1. P prompts drawn from the prompt set, seeded from (seed, rollout index, rank): resume regenerates
      the same prompts and samples (exactly so at rollout boundaries);
-  2. each prompt repeated G times (GRPO / RLOO: the group; PPO: G = 1) and sampled in ONE call to
-     `lmstack.generate` (batched decoding over P·G rows: generation stays a minority of the step);
+  2. each prompt sampled G times (GRPO / RLOO: the group; PPO: G = 1) in ONE decode session over P·G rows
+     (`sample_groups`): each prompt is prefilled once and its cache copied to its G rows, then every row
+     decodes together, with no per-row Python work per step. The same samples as `lmstack.generate` on the
+     P·G repeated prompts with the same seed (tested), in about half its time here: generation stays a
+     minority of the step;
   3. the samples scored: reward functions (a raising or NaN function drops the sample, counted) or a
      reward model on prompt + completion;
   4. the method's preparation (GRPOPreparation / PPOPreparation): log-probabilities under the reference,
@@ -33,7 +36,9 @@ from torch import nn
 from lmstack.align.rewards import RewardFn, RewardStats, score_samples
 from lmstack.data.preference import IGNORE_INDEX, PromptRecord
 from lmstack.errors import ConfigError
-from lmstack.generate import generate
+from lmstack.generate.config import GenerationConfig
+from lmstack.generate.sampling import next_tokens
+from lmstack.generate.session import DecodeSession, cache_length
 from lmstack.model.heads import ValueHeadModel
 from lmstack.model.protocol import model_device
 from lmstack.tokenizer import Tokenizer
@@ -69,6 +74,52 @@ class RolloutConfig:
     @property
     def steps_per_rollout(self) -> int:
         return self.epochs * self.minibatches
+
+
+# ------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample_groups(policy: nn.Module, prompts: Sequence[list[int]], group_size: int, cfg: RolloutConfig, seed: int,
+                  eos_ids: Sequence[int]) -> list[list[int]]:
+    """G = group_size sampled completions of each prompt, grouped: completion i·G + j is prompt i's j-th.
+
+    One DecodeSession of P·G rows: the P prompts are prefilled once (rows 0..P-1) and each one's cache and
+    last-token logits are copied to its G rows (`reorder`), so a group's prompt is read once, not G times.
+    Then one token per row per step, chosen by lmstack.generate's own selection (`next_tokens`: temperature,
+    top-k, top-p) from ONE generator seeded with `seed`, exactly as `generate` draws for a batch of P·G
+    repeated prompts; the only host sync per step is the "all finished?" test. A completion ends with its
+    EOS (kept: the policy learns to stop), at max_new_tokens, or when its row of the cache is full.
+    Shapes: P prompts, R = P·G rows, S slots, V vocabulary, N = max_new_tokens."""
+    P, G, N = len(prompts), group_size, cfg.max_new_tokens
+    R = P * G
+    device = model_device(policy)
+    config = GenerationConfig(max_new_tokens=N, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                              seed=seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    S = cache_length(max(map(len, prompts)), N, policy.config.max_seq_len, cfg.compile)
+    fan_out = torch.arange(P, device=device).repeat_interleave(G)  # (R,) row -> its prompt
+    room = (S - torch.tensor([len(p) for p in prompts], device=device)).clamp(max=N)[fan_out]  # (R,) tokens that fit
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    tokens = torch.zeros(R, N, dtype=torch.long, device=device)  # (R, N)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    with DecodeSession(policy, R, S, cfg.compile) as session:
+        logits = session.prefill(prompts, list(range(P)))  # (P, V)
+        session.reorder(fan_out)  # rows 0..P-1 -> their G copies each (the running flags too)
+        logits = logits.index_select(0, fan_out)  # (R, V)
+        steps = 0
+        for t in range(N):
+            chosen = next_tokens(logits, config, None, generator)  # (R,)
+            tokens[:, t] = chosen
+            steps = t + 1
+            done |= torch.isin(chosen, eos) | (room <= steps)
+            if steps == N or bool(done.all()):
+                break
+            logits = session.decode(chosen)  # finished rows decode too (static shapes); their tokens are cut below
+    completions = []
+    for row, limit in zip(tokens[:, :steps].tolist(), room.tolist()):
+        row = row[:max(limit, 0)]
+        end = next((i for i, x in enumerate(row) if x in eos_ids), None)
+        completions.append(row if end is None else row[:end + 1])
+    return completions
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -239,19 +290,17 @@ class RolloutSource:
         policy = model.policy if isinstance(model, ValueHeadModel) else model
         device = model_device(model)
         t0 = time.perf_counter()
-        out = generate(policy, None, prompts, max_new_tokens=self.cfg.max_new_tokens,
-                               temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                               seed=int(rng.integers(2**31)), compile=self.cfg.compile,
-                               eos_token_ids=self._eos_ids(policy))
+        sampled = sample_groups(policy, [self.prompt_ids[i] for i in chosen], self.group, self.cfg,
+                                int(rng.integers(2**31)), self._eos_ids(policy))
         generate_s = time.perf_counter() - t0
-        completions = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.token_ids]
-        rows = [p + c for p, c in zip(prompts, out.token_ids)]
+        completions = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in sampled]
+        rows = [p + c for p, c in zip(prompts, sampled)]
         rewards = torch.tensor(self.scorer(records, [self._prompt_text(r) for r in records], completions, rows,
                                            device), dtype=torch.float32)
-        batch = self._tensors(prompts, out.token_ids, rewards)
+        batch = self._tensors(prompts, sampled, rewards)
         stats = self.prepare(model, batch, rewards, device)
         valid = ~torch.isnan(rewards)
-        lengths = torch.tensor([len(c) for c in out.token_ids], dtype=torch.float32)
+        lengths = torch.tensor([len(c) for c in sampled], dtype=torch.float32)
         stats.update(reward=float(rewards[valid].mean()) if valid.any() else 0.0,
                      dropped_fraction=float((~valid).float().mean()), completion_tokens=float(lengths.mean()),
                      generation_s=generate_s, rollout_s=time.perf_counter() - started)
@@ -265,11 +314,11 @@ class RolloutSource:
                              for r, c, x in zip(records[:: self.group], completions[:: self.group], rewards[:: self.group])]
         return batch
 
-    def _eos_ids(self, policy: nn.Module) -> list[int] | None:
+    def _eos_ids(self, policy: nn.Module) -> list[int]:
         ids = set(policy.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
-        return sorted(ids) or None
+        return sorted(ids)
 
     def _tensors(self, prompts: list[list[int]], completions: list[list[int]], rewards: torch.Tensor) -> Batch:
         """Right-padded rows (N, T) with targets on the completion; a dropped sample (NaN reward) scores nothing."""
@@ -307,4 +356,5 @@ class RolloutSource:
         return out
 
 
-__all__ = ["FunctionScorer", "GRPOPreparation", "ModelScorer", "PPOPreparation", "RolloutConfig", "RolloutSource"]
+__all__ = ["FunctionScorer", "GRPOPreparation", "ModelScorer", "PPOPreparation", "RolloutConfig", "RolloutSource",
+           "sample_groups"]
