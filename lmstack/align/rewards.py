@@ -122,7 +122,7 @@ def score_samples(fns: Sequence[RewardFn], weights: Sequence[float] | None, prom
                 stats.drop("raised", f"{name}: {type(e).__name__}: {e}")
                 total = math.nan
                 break
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):  # a bool is 0 / 1, as Python has it
                 stats.drop("not_finite", f"{name} returned {value!r}")
                 total = math.nan
                 break

@@ -161,3 +161,15 @@ def test_value_head_policy_generates_like_its_policy(task_model_dir):
     wrapped = ValueHeadModel(policy)
     ids = torch.tensor([[3, 4, 5]])
     torch.testing.assert_close(wrapped.policy(ids), policy(ids))
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted(task_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": "12+34=", "answer": 46}, {"prompt": "1+" * 20 + "1=", "answer": 21},
+               {"prompt": "5+5=", "answer": 10}]  # the model's context is 24 tokens: the second cannot fit
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = config("grpo", task_model_dir, tmp_path / "long", data={"task": None, "path": str(prompts)})
+    engine, parts = build(cfg)
+    assert parts.counts == {"prompts": 2, "prompts_too_long": 1}
+    assert "2 prompts; 1 skipped: longer than max_len" in capsys.readouterr().err
+    assert [r.prompt for r in parts.source.records] == ["12+34=", "5+5="]
