@@ -5,11 +5,10 @@ objectives do not care where the reference comes from:
 
     FrozenReference(model)    a frozen copy of the starting policy (full fine-tuning), or any other model
                               (`align.reference: DIR`); moved to the batch's device on first use
+    AdapterDisabledReference  a LoRA policy's reference: the policy itself with its adapters switched off for
+                              the call (lmstack.adapters.disable_adapters); no second copy of the weights
     cached_reference_logps    sequence log-probabilities of a fixed pair set computed once and kept on disk
                               (DPO's precompute option): the reference then never runs during training
-
-(A LoRA policy needs no second copy: its reference is the same weights with the adapter switched off.
-That variant comes with lmstack.adapters.)
 """
 
 from __future__ import annotations
@@ -26,7 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
+from lmstack.adapters import disable_adapters, has_adapters
 from lmstack.atomic import atomic_file
+from lmstack.errors import ConfigError
 from lmstack.model.protocol import unwrap
 from lmstack.train.objectives.logprobs import token_logprobs
 
@@ -56,6 +57,26 @@ class FrozenReference:
         return token_logprobs(self.model, input_ids, attention_mask, targets)[0]
 
 
+class AdapterDisabledReference:
+    """The reference of a policy trained through adapters (LoRA, DoRA): the same module with its adapters
+    bypassed, i.e. the starting weights, which the adapters never change. Evaluated in eval mode (no dropout)
+    and without gradient, then the policy's mode is restored."""
+
+    @torch.no_grad()
+    def token_logprobs(self, policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       targets: torch.Tensor) -> torch.Tensor:
+        model = unwrap(policy) if policy is not None else None
+        if model is None or not has_adapters(model):
+            raise ConfigError("the adapter-disabled reference needs the policy, with its adapters (set `lora:`)")
+        was_training = model.training
+        model.eval()
+        try:
+            with disable_adapters(model):
+                return token_logprobs(model, input_ids, attention_mask, targets)[0]
+        finally:
+            model.train(was_training)
+
+
 # ------------------------------------------------------------------------------------------- cached on disk
 def fingerprint(rows: Sequence[Any], reference_id: str) -> str:
     """SHA-256 over the examples' token ids and the reference's identity: a cache is valid only for both."""
@@ -77,18 +98,19 @@ def reference_identity(path: str | Path | None) -> str:
 
 @torch.no_grad()
 def compute_sequence_logps(reference: Reference, batches: Sequence[dict[str, torch.Tensor]],
-                           device: torch.device) -> torch.Tensor:
+                           device: torch.device, policy: nn.Module | None = None) -> torch.Tensor:
     """(N, R) summed reference log-probabilities: row i of batch k is sequence i of that batch; the batches
-    hold the examples in index order (R = rows per example: 2 for pairs, 1 for unpaired, +1 for KTO's KL row)."""
+    hold the examples in index order (R = rows per example: 2 for pairs, 1 for unpaired, +1 for KTO's KL row).
+    `policy`: the model an AdapterDisabledReference reads (on `device`)."""
     out = []
     for batch in batches:
         ids, mask, targets = (batch[k].to(device) for k in ("input_ids", "attention_mask", "targets"))
-        seq = reference.token_logprobs(None, ids, mask, targets).sum(-1)  # (rows,)
+        seq = reference.token_logprobs(policy, ids, mask, targets).sum(-1)  # (rows,)
         B = batch["index"].shape[0]
         columns = [seq[i * B:(i + 1) * B] for i in range(ids.shape[0] // B)]
         if "kl_input_ids" in batch:
             kl = [batch[f"kl_{k}"].to(device) for k in ("input_ids", "attention_mask", "targets")]
-            columns.append(reference.token_logprobs(None, *kl).sum(-1))
+            columns.append(reference.token_logprobs(policy, *kl).sum(-1))
         out.append(torch.stack(columns, dim=1).cpu())  # (B, R)
     return torch.cat(out)
 
@@ -107,5 +129,5 @@ def cached_reference_logps(path: str | Path, key: str, compute: Callable[[], tor
     return logps
 
 
-__all__ = ["FrozenReference", "Reference", "cached_reference_logps", "compute_sequence_logps", "fingerprint",
+__all__ = ["AdapterDisabledReference", "FrozenReference", "Reference", "cached_reference_logps", "compute_sequence_logps", "fingerprint",
            "reference_identity"]

@@ -10,14 +10,19 @@
     rloo    the policy                    GRPOObjective        the same, with leave-one-out advantages
 
 The reference (DPO, KTO, PPO, GRPO with beta > 0) is a frozen copy of the starting model, or `reference:
-DIR`; with `dpo.precompute_reference` its sequence log-probabilities are computed once, cached in
-OUT/reference_logps.safetensors, and the reference is not kept in memory. Checkpoints: the policy as a
-Hugging Face directory (PPO: plus value_head.safetensors), the reward model as a sequence-classification
-directory. OUT/model is the final model; OUT/summary.json the held-out figures and the rollout totals.
+DIR`; with `lora:` the policy trains a LoRA adapter (lmstack.adapters) and its reference is the same weights
+with the adapter switched off (no second copy). With `dpo.precompute_reference` its sequence
+log-probabilities are computed once, cached in OUT/reference_logps.safetensors, and the reference is not
+kept in memory. `adapter: DIR` starts from an SFT adapter on `model`, merged in first (so the reference is
+the SFT model). Checkpoints: the policy as a Hugging Face directory, or with `lora:` a peft adapter directory
+(PPO: plus value_head.safetensors), the reward model as a sequence-classification directory. OUT/model is the
+final model (LoRA: merged; the adapter alone in OUT/adapter); OUT/summary.json the held-out figures and the
+rollout totals.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -31,6 +36,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmstack.adapters import AdapterStore, LoraConfig, apply_lora, save_adapter, unload
 from lmstack.align.rewards import resolve_reward_fn
 from lmstack.align.tasks import arithmetic_problems, sorted_letters_pairs
 from lmstack.atomic import write_text
@@ -54,8 +60,8 @@ from lmstack.train.objectives.dpo import PreferenceConfig, PreferenceObjective
 from lmstack.train.objectives.grpo import GRPOConfig, GRPOObjective
 from lmstack.train.objectives.ppo import PPOConfig, PPOObjective
 from lmstack.train.objectives.reward import RewardConfig, RewardObjective
-from lmstack.train.reference import FrozenReference, cached_reference_logps, compute_sequence_logps, fingerprint, \
-    reference_identity
+from lmstack.train.reference import (AdapterDisabledReference, FrozenReference, cached_reference_logps,
+                                    compute_sequence_logps, fingerprint, reference_identity)
 from lmstack.train.rollout import (FunctionScorer, GRPOPreparation, ModelScorer, PPOPreparation, RolloutConfig,
                                    RolloutSource)
 
@@ -84,6 +90,8 @@ class AlignConfig:
     model: str = ""  # the starting model: an SFT model directory (rm: a causal LM or a reward model)
     tokenizer: str | None = None  # a tokenizer directory; null = the model's
     reference: str | None = None  # the reference model directory; null = the starting model, frozen
+    adapter: str | None = None  # an SFT adapter (peft directory) on `model`, merged into it before training
+    lora: LoraConfig | None = None  # train a LoRA adapter (dpo, ppo, grpo, rloo); the reference: adapter off
     out_dir: str = "runs/align"
     data: AlignDataConfig = field(default_factory=AlignDataConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
@@ -142,25 +150,39 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 @dataclass
 class PolicyValueStore:
-    """A PPO checkpoint: the policy as a Hugging Face model directory, the value head beside it."""
+    """A PPO checkpoint: the policy as `policy_store` writes it (a Hugging Face model directory, or with LoRA
+    a peft adapter directory), the value head beside it."""
 
     extra_files: dict[str, Path] = field(default_factory=dict)
+    policy_store: Any = None  # None: WholeModel(extra_files)
+
+    def _policy(self) -> Any:
+        return self.policy_store or WholeModel(self.extra_files)
 
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return full_model_state(model)
+        if self.policy_store is None:
+            return full_model_state(model)
+        head = {"value_head." + k: v.detach().cpu().clone() for k, v in model.value_head.state_dict().items()}
+        return {**{"policy." + k: v for k, v in self.policy_store.state(model.policy).items()}, **head}
 
     def write(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
         policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-        WholeModel(self.extra_files).write(model.policy, policy, directory)
+        self._policy().write(model.policy, policy, directory)
         save_file({k: v.contiguous() for k, v in state.items() if k.startswith("value_head.")},
                   directory / VALUE_HEAD_FILE, metadata={"format": "pt"})
 
     def read(self, directory: Path) -> dict[str, torch.Tensor]:
-        state = {"policy." + k: v for k, v in WholeModel().read(directory).items()}
+        state = {"policy." + k: v for k, v in self._policy().read(directory).items()}
         return {**state, **load_file(directory / VALUE_HEAD_FILE)}
 
     def load_into(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
-        _load_or_explain(model, state, directory, strict=True)
+        if self.policy_store is None:
+            _load_or_explain(model, state, directory, strict=True)
+            return
+        policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        self.policy_store.load_into(model.policy, policy, directory)
+        head = {k.removeprefix("value_head."): v for k, v in state.items() if k.startswith("value_head.")}
+        model.value_head.load_state_dict(head)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -225,13 +247,36 @@ def _prompts(cfg: AlignConfig, renderer: Renderer, path: Path, counts: dict[str,
 
 
 # ------------------------------------------------------------------------------------------- the methods
-def _reference(cfg: AlignConfig, policy: nn.Module) -> FrozenReference:
-    return FrozenReference(load_model(cfg.reference) if cfg.reference else policy)
+def _policy(cfg: AlignConfig) -> nn.Module:
+    """The starting model (an SFT adapter merged in), with a fresh LoRA adapter when `lora:` is set."""
+    if cfg.adapter is None:
+        policy = load_model(cfg.model)
+    else:  # merged so that the reference (the adapter-disabled policy, or its frozen copy) is the SFT model
+        policy = unload(load_model(cfg.model, adapter=cfg.adapter))
+        policy.requires_grad_(True)
+    if cfg.lora is not None:
+        apply_lora(policy, cfg.lora)  # freezes everything but the adapter
+    return policy
+
+
+def _reference(cfg: AlignConfig, policy: nn.Module) -> FrozenReference | AdapterDisabledReference:
+    if cfg.reference:
+        return FrozenReference(load_model(cfg.reference))
+    if cfg.lora is not None:
+        return AdapterDisabledReference()
+    return FrozenReference(policy)
+
+
+def _policy_store(cfg: AlignConfig, extra: dict[str, Path]) -> WholeModel | AdapterStore:
+    if cfg.lora is None:
+        return WholeModel(extra)
+    base = str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
+    return AdapterStore(base_model_name_or_path=base, extra_files=extra)
 
 
 def _preference_parts(cfg: AlignConfig, renderer: Renderer, path: Path, out_dir: Path, counts: dict[str, Any],
                       pad: int) -> tuple[nn.Module, Any, ExampleBatches, list, Any]:
-    policy = load_model(cfg.model)
+    policy = _policy(cfg)
     train, held = _pairs(cfg, renderer, path, counts)
     kto = cfg.dpo.loss == "kto"
     collate = (lambda items: collate_unpaired(items, pad)) if kto else (lambda items: collate_pairs(items, pad))
@@ -243,8 +288,10 @@ def _preference_parts(cfg: AlignConfig, renderer: Renderer, path: Path, out_dir:
         everything = sorted(train + held, key=lambda e: e.index)
         key = fingerprint(everything, reference_identity(cfg.reference or cfg.model))
         device = resolve_device(cfg.train.device)
+        if cfg.lora is not None:
+            policy.to(device)
         logps = cached_reference_logps(out_dir / "reference_logps.safetensors", key, lambda: compute_sequence_logps(
-            reference, fixed_batches(everything, collate, cfg.train.batch_size), device))
+            reference, fixed_batches(everything, collate, cfg.train.batch_size), device, policy))
         reference, collate = None, _with_reference_logps(collate, logps)  # the reference leaves memory
     objective = PreferenceObjective(cfg.dpo, reference)
     return policy, objective, train, held, collate
@@ -278,6 +325,9 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
                           "another out_dir")
     if cfg.method == "rloo":
         cfg.grpo.advantage = "rloo"
+    if cfg.method == "rm" and (cfg.lora is not None or cfg.adapter is not None):
+        raise ConfigError("align rm trains the whole reward model: remove `lora:` / `adapter:` (LoRA serves dpo, "
+                          "ppo, grpo and rloo)")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = Path(cfg.tokenizer or cfg.model)
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -300,11 +350,11 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
             max_len = cfg.data.max_len or read_config(cfg.model).max_seq_len
             renderer = Renderer(tokenizer, max_len, cfg.data.format)
             model, objective, train, held, collate = _preference_parts(cfg, renderer, path, out_dir, counts, pad)
-            store = WholeModel(extra)
+            store = _policy_store(cfg, extra)
         batches = ExampleBatches(train, collate, t.batch_size, t.grad_accum, t.seed, dist.rank, dist.world_size)
         val = fixed_batches(held, collate, t.batch_size) if held else None
     else:
-        policy = load_model(cfg.model)
+        policy = _policy(cfg)
         renderer = Renderer(tokenizer, cfg.data.max_len or policy.config.max_seq_len, cfg.data.format)
         records, prompt_ids = _prompts(cfg, renderer, path, counts)
         chunk = max(1, t.batch_size)
@@ -313,14 +363,15 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
             prepare = PPOPreparation(cfg.ppo, _reference(cfg, policy), chunk)
             scorer = (ModelScorer(load_score_model(cfg.ppo.reward_model), pad, chunk) if cfg.ppo.reward_model
                       else FunctionScorer([resolve_reward_fn(n) for n in cfg.ppo.reward_fns], names=cfg.ppo.reward_fns))
-            objective, store = PPOObjective(cfg.ppo), PolicyValueStore(extra)
+            store = PolicyValueStore(extra, None if cfg.lora is None else _policy_store(cfg, extra))
+            objective = PPOObjective(cfg.ppo)
         else:
             model = policy
             reference = _reference(cfg, policy) if cfg.grpo.beta > 0 else None
             prepare = GRPOPreparation(cfg.grpo, reference, cfg.rollout.steps_per_rollout > 1, chunk)
             scorer = FunctionScorer([resolve_reward_fn(n) for n in cfg.grpo.reward_fns], cfg.grpo.reward_weights,
                                     cfg.grpo.reward_fns)
-            objective, store = GRPOObjective(cfg.grpo, cfg.rollout.max_new_tokens), WholeModel(extra)
+            objective, store = GRPOObjective(cfg.grpo, cfg.rollout.max_new_tokens), _policy_store(cfg, extra)
         batches = source = RolloutSource(records, prompt_ids, tokenizer, cfg.rollout, scorer, prepare, t.grad_accum,
                                          t.seed, dist.rank, dist.world_size)
 
@@ -328,7 +379,9 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
     if dist.is_main:
         write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         n_params = sum(p.numel() for p in model.parameters())
-        _say(f"{cfg.method}: {n_params:,} parameters, {t.steps} steps" +
+        trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _say(f"{cfg.method}: {n_params:,} parameters" + (f" ({trains:,} train: LoRA)" if cfg.lora else "") +
+             f", {t.steps} steps" +
              (f", resuming from {resume_from}" if resume_from else ""))
     engine = Engine(model, objective, batches, t, cfg.optim, cfg.schedule, out_dir=out_dir, val_batches=val,
                     dist=dist, resume_from=resume_from, store=store, run_config=run_config)
@@ -358,7 +411,8 @@ def heldout_metrics(objective: Any, model: nn.Module, batches: list[dict[str, to
 
 
 def publish(engine: Engine, parts: AlignParts) -> Path:
-    """OUT/model: the final policy (a Hugging Face causal-LM directory) or reward model (sequence classification)."""
+    """OUT/model: the final policy (a Hugging Face causal-LM directory; LoRA: merged into a copy, the adapter
+    alone in OUT/adapter) or reward model (sequence classification)."""
     out = Path(parts.cfg.out_dir) / "model"
     model = engine.base_model
     files = {name: p.read_text(encoding="utf-8") for name, p in
@@ -368,6 +422,14 @@ def publish(engine: Engine, parts: AlignParts) -> Path:
     if isinstance(model, ScoreModel):
         return save_score_model(model, out, files)
     policy = model.policy if isinstance(model, ValueHeadModel) else model
+    if parts.cfg.lora is not None:
+        adapter = Path(parts.cfg.out_dir) / "adapter"
+        if adapter.exists():
+            shutil.rmtree(adapter)
+        # its base is `model` (with `adapter:`, the SFT adapter merged into it: load that merged model first)
+        save_adapter(policy, adapter, base_model_name_or_path=str(Path(parts.cfg.model).resolve()),
+                     extra_files=_tokenizer_files(Path(parts.cfg.tokenizer or parts.cfg.model)))
+        policy = unload(copy.deepcopy(policy))
     return save_model(policy, out, extra_files=files, dtype=torch.float32)
 
 
