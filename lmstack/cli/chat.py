@@ -29,12 +29,13 @@ def main(argv: list[str]) -> int:
     """Chat with a model in the terminal (chat template, streaming, history; /reset, /system TEXT, /quit)."""
     parser = argparse.ArgumentParser(prog="lmstack chat", description=main.__doc__ + "\n" + CHAT_HELP)
     parser.add_argument("--model", type=Path, required=True, help="model directory (tokenizer with a chat template)")
+    parser.add_argument("--adapter", type=Path, help="a LoRA/DoRA adapter directory (peft format) for --model")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     add_generation_flags(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args, CHAT_DEFAULTS)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.adapter)
     if tokenizer.chat_template is None:
         raise ConfigError(f"{args.model}: the tokenizer has no chat_template; `lmstack chat` needs one")
     if config.eos_token_ids is None:

@@ -3,5 +3,6 @@ source and the recipe's choices (what trains, the parameter groups, what a check
 them to the one engine (lmstack.train.engine).
 
     pretrain.py   PretrainConfig -> causal-LM pretraining on token shards (`lmstack pretrain`, quickstart)
+    finetune.py   FinetuneConfig -> instruction fine-tuning: full, LoRA, DoRA, QLoRA (`lmstack finetune`)
     align.py      AlignConfig -> a reward model, the DPO family, PPO, GRPO or RLOO (`lmstack align METHOD`)
 """
