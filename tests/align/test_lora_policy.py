@@ -55,6 +55,7 @@ def test_lora_dpo_trains_the_adapter_only_against_the_base(task_model_dir, tmp_p
     cfg = config("dpo", task_model_dir, out, lora=LORA, train={"steps": 4})
     engine, parts = build(cfg)
     assert isinstance(parts.objective.reference, AdapterDisabledReference)  # no copy of the model
+    assert 0 < parts.counts["trainable_parameters"] < parts.counts["parameters"] / 4
     start = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
     engine.fit()
     trained = dict(parts.model.named_parameters())

@@ -170,6 +170,6 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted(task_model_dir,
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = config("grpo", task_model_dir, tmp_path / "long", data={"task": None, "path": str(prompts)})
     engine, parts = build(cfg)
-    assert parts.counts == {"prompts": 2, "prompts_too_long": 1}
+    assert parts.counts["prompts"] == 2 and parts.counts["prompts_too_long"] == 1
     assert "2 prompts; 1 skipped: longer than max_len" in capsys.readouterr().err
     assert [r.prompt for r in parts.source.records] == ["12+34=", "5+5="]

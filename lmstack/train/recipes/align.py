@@ -376,10 +376,11 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
                                          t.seed, dist.rank, dist.world_size)
 
     run_config = to_dict(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts.update(parameters=n_params, trainable_parameters=trains)
     if dist.is_main:
         write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
-        n_params = sum(p.numel() for p in model.parameters())
-        trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _say(f"{cfg.method}: {n_params:,} parameters" + (f" ({trains:,} train: LoRA)" if cfg.lora else "") +
              f", {t.steps} steps" +
              (f", resuming from {resume_from}" if resume_from else ""))
