@@ -402,7 +402,7 @@ def main() -> None:
     parser.add_argument("--grpo-sft-steps", type=int, default=600, help="grpo: SFT steps of the arithmetic model")
     parser.add_argument("--dpo-steps", type=int, default=150)
     parser.add_argument("--dpo-lr", type=float, default=1e-3)
-    parser.add_argument("--dpo-lora-lr", type=float, default=3e-3)
+    parser.add_argument("--dpo-lora-lr", type=float, default=3e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--grpo-steps", type=int, default=200)
     parser.add_argument("--grpo-lr", type=float, default=1e-4)

@@ -286,7 +286,10 @@ def _preference_parts(cfg: AlignConfig, renderer: Renderer, path: Path, out_dir:
             raise ConfigError("dpo.precompute_reference is not available for kto: its KL rows pair each prompt with "
                               "another example's completion, and those pairings change with the shuffle")
         everything = sorted(train + held, key=lambda e: e.index)
-        key = fingerprint(everything, reference_identity(cfg.reference or cfg.model))
+        identity = reference_identity(cfg.reference or cfg.model)
+        if cfg.adapter and not cfg.reference:  # the reference is the model with the SFT adapter merged in
+            identity += reference_identity(cfg.adapter)
+        key = fingerprint(everything, identity)
         device = resolve_device(cfg.train.device)
         if cfg.lora is not None:
             policy.to(device)
