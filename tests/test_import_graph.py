@@ -18,7 +18,7 @@ LAYERS = [
     {"errors", "schema", "atomic", "config", "device"},
     {"tokenizer", "data", "model"},
     {"interop", "adapters", "quant"},
-    {"train", "generate"},
+    {"train", "generate", "align"},
     {"eval", "serve", "quickstart"},
     {"cli", "__main__"},
 ]

@@ -32,6 +32,7 @@ VERBS: dict[str, str] = {
     "quantize": "lmstack.cli.quantize:main",
     "export": "lmstack.cli.export:main",
     "embed": "lmstack.cli.embed:main",
+    "align": "lmstack.cli.align:main",
 }
 
 

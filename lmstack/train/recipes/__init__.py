@@ -4,4 +4,5 @@ them to the one engine (lmstack.train.engine).
 
     pretrain.py   PretrainConfig -> causal-LM pretraining on token shards (`lmstack pretrain`, quickstart)
     finetune.py   FinetuneConfig -> instruction fine-tuning: full, LoRA, DoRA, QLoRA (`lmstack finetune`)
+    align.py      AlignConfig -> a reward model, the DPO family, PPO, GRPO or RLOO (`lmstack align METHOD`)
 """

@@ -1,0 +1,126 @@
+"""A LoRA policy (lmstack.adapters) in the alignment recipe: its reference is the same weights with the adapter
+switched off (no second copy), which must score exactly as a frozen copy of the starting model does; only the
+adapter trains; what the run publishes (OUT/adapter, OUT/model merged) gives the trained policy's logits; and
+the PPO store with an adapter resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmstack
+from lmstack.adapters import LoraConfig, apply_lora, is_adapter_parameter, save_adapter
+from lmstack.train.metrics import read_metrics
+from lmstack.train.recipes.align import build, run
+from lmstack.train.reference import AdapterDisabledReference, FrozenReference
+from tests.align.test_recipes import config, train_losses
+
+LORA = {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}  # dropout: the reference must run without it
+
+
+def _randomised(model: torch.nn.Module, seed: int) -> None:
+    """Non-zero adapter weights (B starts at zero: policy = reference until it trains)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_parameter(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_adapter_disabled_reference_scores_as_the_frozen_base(task_model_dir):
+    base = lmstack.load_model(task_model_dir)
+    frozen = FrozenReference(base)
+    policy = lmstack.load_model(task_model_dir)
+    apply_lora(policy, LoraConfig(**LORA))
+    _randomised(policy, 0)
+    policy.train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 20, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    targets = torch.full_like(ids, -100)
+    targets[:, 3:8] = ids[:, 4:9]
+    targets[1, 5:] = -100
+    ours = AdapterDisabledReference().token_logprobs(policy, ids, mask, targets)
+    assert policy.training  # its mode is given back
+    torch.testing.assert_close(ours, frozen.token_logprobs(None, ids, mask, targets), rtol=0, atol=1e-6)
+    from lmstack.train.objectives.logprobs import token_logprobs
+    with torch.no_grad():
+        adapted = token_logprobs(policy.eval(), ids, mask, targets)[0]
+    assert (adapted - ours).abs().max() > 1e-3  # the adapter matters: the reference is not the policy
+
+
+def test_lora_dpo_trains_the_adapter_only_against_the_base(task_model_dir, tmp_path):
+    out = tmp_path / "lora-dpo"
+    cfg = config("dpo", task_model_dir, out, lora=LORA, train={"steps": 4})
+    engine, parts = build(cfg)
+    assert isinstance(parts.objective.reference, AdapterDisabledReference)  # no copy of the model
+    assert 0 < parts.counts["trainable_parameters"] < parts.counts["parameters"] / 4
+    start = {n: p.detach().clone() for n, p in parts.model.named_parameters()}
+    engine.fit()
+    trained = dict(parts.model.named_parameters())
+    for name, before in start.items():
+        if not is_adapter_parameter(name):
+            assert torch.equal(before, trained[name]), f"{name}: a base weight changed"
+    assert all(not torch.equal(start[n], p) for n, p in trained.items() if "lora_B" in n)
+    # the live adapter-disabled reference equals a frozen copy of the starting model on a batch, mid-training
+    batch = engine.batches.micro_batches(7)[0]
+    frozen = FrozenReference(lmstack.load_model(task_model_dir))
+    with torch.no_grad():
+        ours = parts.objective(parts.model.eval(), batch)
+        peer = type(parts.objective)(parts.objective.cfg, frozen)(parts.model, batch)
+    assert float(ours.total) == pytest.approx(float(peer.total), rel=1e-6)
+    assert float(ours.metrics["reward_margin"]) == pytest.approx(float(peer.metrics["reward_margin"]), abs=1e-6)
+
+
+def test_lora_runs_publish_the_adapter_and_the_merged_model(task_model_dir, tmp_path):
+    out = tmp_path / "lora-grpo"
+    result, summary = run(config("grpo", task_model_dir, out, lora=LORA))  # grpo.beta 0.1: the reference runs
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapter B = 0 at the start: policy = reference
+    merged = lmstack.load_model(out / "model")
+    adapted = lmstack.load_model(task_model_dir, adapter=out / "adapter")
+    ids = torch.randint(4, 20, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(ids), adapted.eval()(ids), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(merged(ids), lmstack.load_model(task_model_dir).eval()(ids), atol=1e-4)
+
+
+def test_lora_ppo_resumes_exactly_and_starts_from_a_merged_sft_adapter(task_model_dir, tmp_path):
+    sft = lmstack.load_model(task_model_dir)
+    apply_lora(sft, LoraConfig(r=2, lora_alpha=4.0))
+    _randomised(sft, 3)
+    save_adapter(sft, tmp_path / "sft-adapter")
+    changes = {"adapter": str(tmp_path / "sft-adapter"), "lora": LORA}
+    full = tmp_path / "full"
+    run(config("ppo", task_model_dir, full, train={"steps": 4}, **changes))
+    part = tmp_path / "part"
+    run(config("ppo", task_model_dir, part, train={"steps": 2}, **changes))
+    run(config("ppo", task_model_dir, part, train={"steps": 4}, **changes), resume=True)
+    assert train_losses(part)[-2:] == pytest.approx(train_losses(full)[-2:], rel=1e-5)
+    assert (part / "checkpoints").is_dir()
+    # the reference is the SFT model (base + SFT adapter, merged), not the base
+    engine, parts = build(config("ppo", task_model_dir, tmp_path / "ref", **changes))
+    ids = torch.randint(4, 20, (2, 8), generator=torch.Generator().manual_seed(0))
+    targets = torch.cat([torch.full((2, 3), -100), ids[:, 4:], torch.full((2, 1), -100)], 1)
+    mask = torch.ones_like(ids)
+    reference = parts.source.prepare.reference.token_logprobs(parts.model.policy, ids, mask, targets)
+    peer = FrozenReference(sft).token_logprobs(None, ids, mask, targets)
+    torch.testing.assert_close(reference, peer, rtol=0, atol=1e-5)
+
+
+def test_reward_models_refuse_lora(task_model_dir, tmp_path):
+    from lmstack.errors import ConfigError
+    with pytest.raises(ConfigError, match="align rm trains the whole reward model"):
+        build(config("rm", task_model_dir, tmp_path / "rm", lora=LORA))
+
+
+def test_lora_precomputed_reference_is_the_base(task_model_dir, tmp_path):
+    engine, parts = build(config("dpo", task_model_dir, tmp_path / "cached", lora=LORA,
+                                 dpo={"precompute_reference": True}))
+    assert parts.objective.reference is None  # scored once, then not kept
+    batch = engine.batches.micro_batches(0)[0]
+    frozen = FrozenReference(lmstack.load_model(task_model_dir))
+    sums = frozen.token_logprobs(None, batch["input_ids"], batch["attention_mask"], batch["targets"]).sum(-1)
+    B = batch["ref_logps"].shape[0]
+    torch.testing.assert_close(batch["ref_logps"], torch.stack([sums[:B], sums[B:]], 1), rtol=0, atol=1e-5)
