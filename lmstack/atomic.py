@@ -47,7 +47,7 @@ def publish_modes(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def _cannot_write(path: Path, error: OSError) -> OutputError:
+def cannot_write(path: Path, error: OSError) -> OutputError:
     """An OSError met while creating an output -> one message about the path the user asked for."""
     blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None and blocker != path and error.errno in (errno.EEXIST, errno.ENOTDIR):
@@ -68,7 +68,7 @@ def ensure_parent_writable(path: Path) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _cannot_write(path, e) from None
+        raise cannot_write(path, e) from None
     if not parent.is_dir():
         raise OutputError(f"{path}: cannot write the output there ({parent} is a file, not a directory)")
     if not os.access(parent, os.W_OK):
@@ -81,7 +81,7 @@ def make_output_dir(path: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _cannot_write(path, e) from None
+        raise cannot_write(path, e) from None
     return path
 
 
@@ -96,7 +96,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
-        raise _cannot_write(path, e) from None
+        raise cannot_write(path, e) from None
     try:
         yield tmp
         replace_directory(tmp, path)
@@ -132,7 +132,7 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     except OSError as e:
-        raise _cannot_write(path, e) from None
+        raise cannot_write(path, e) from None
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f

@@ -65,7 +65,9 @@ def test_cli_outputs_that_cannot_be_written_are_one_line(tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text("hello world, " * 100)
     for argv in (["tokenizer", "train", "--input", str(text), "--vocab-size", "270", "--out", "/proc/x/tok"],
-                 ["quickstart", "--out", "/proc/x"]):
+                 ["quickstart", "--out", "/proc/x"],
+                 ["data", "prepare", "--input", str(text), "--train-tokenizer", "char", "--out", "/proc/x"],
+                 ["data", "prepare", "--input", str(text), "--train-tokenizer", "char", "--out", f"{text}/x"]):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot write the output there" in err[0], err

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.atomic import ensure_parent_writable, replace_directory
+from lmstack.atomic import cannot_write, ensure_parent_writable, replace_directory
 from lmstack.data import pack
 from lmstack.data.builtin import python_docs_fingerprint, read_builtin
 from lmstack.data.clean import QualityConfig, QualityFilter, normalize
@@ -411,7 +411,11 @@ def _exclusive(lock_path: Path, output: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no locking
         yield
         return
-    with open(lock_path, "w") as handle:
+    try:
+        handle = open(lock_path, "w")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise cannot_write(output, e) from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

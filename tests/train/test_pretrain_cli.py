@@ -113,3 +113,10 @@ def test_a_device_this_machine_lacks_is_one_line(data, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
         assert not (tmp_path / "r").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line(data, capsys):
+    assert main(["pretrain", "--out", "/proc/lmstack-run", f"--data.path={data}", "--train.steps=1", *MODEL, *FAST]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("lmstack pretrain: error: /proc/lmstack-run: cannot write the output there (the directory "
+                       "does not accept new files)"), err

@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from lmstack.atomic import write_text
+from lmstack.atomic import make_output_dir, write_text
 from lmstack.config import PRESETS, ModelConfig
 from lmstack.data.loader import PretrainBatches, TokenStream, validation_batches
 from lmstack.device import resolve_device, resolve_precision
@@ -109,7 +109,7 @@ def build_engine(cfg: PretrainConfig, resume: bool = False, dist: DistContext | 
     model, batches, val = build_parts(cfg, dist)
     run_config = to_dict(cfg)
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out_dir)
         write_text(out_dir / "config.yaml", yaml.safe_dump({**run_config, "model": model.config.to_dict()},
                                                           sort_keys=False))
         print(f"lmstack pretrain: {model.num_parameters():,} parameters, {batches.tokens_per_step:,} tokens/step, "
