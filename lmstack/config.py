@@ -97,6 +97,15 @@ class ModelConfig:
             raise ConfigError(f"rope_scaling.factor must be positive, got {self.rope_scaling.factor}")
         if self.norm_bias and self.norm_kind == "rmsnorm":
             raise ConfigError("norm_bias applies to layernorm only; RMSNorm has no bias")
+        # A special id outside the embedding table fails late and far away (an index error when bos is
+        # prepended, an eos that can never be sampled): refuse it here, where the field can be named.
+        for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", self.eos_token_ids),
+                          ("pad_token_id", [self.pad_token_id])):
+            for token_id in ids:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ConfigError(f"{name} {token_id} is outside the vocabulary [0, {self.vocab_size}) of "
+                                      f"vocab_size {self.vocab_size}: set {name} to an id below {self.vocab_size} "
+                                      "(the tokenizer's) or to null")
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -3,30 +3,124 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import re
 from pathlib import Path
+from typing import Any
 
-from lmstack.config import PRESETS, preset
+from lmstack.config import PRESETS, ModelConfig, preset
+from lmstack.errors import CheckpointError
 from lmstack.interop.hf import read_config
 from lmstack.model.cost import model_cost
 
+# A source checkout's recipe configs (the repository's configs/), listed when present; never required.
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "configs"
 
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "K", "M", "G", "T", "P"):
-        if abs(n) < 1000 or prefix == "P":
-            return f"{n:.3g} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
-        n /= 1000 if unit != "B" else 1024
-    return f"{n} {unit}"
+
+def _number(n: float) -> str:
+    """Three significant digits, never in exponent notation."""
+    return f"{n:.0f}" if abs(n) >= 99.5 else f"{n:.1f}" if abs(n) >= 9.995 else f"{n:.2f}"
+
+
+def _bytes(n: float) -> str:
+    """Memory in binary units: 1 KiB = 1024 B (what allocators and `free -h` count)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1023.5 or unit == "TiB":  # 1023.6 KiB prints as 1.00 MiB, not 1024 KiB
+            return f"{n:.0f} B" if unit == "B" else f"{_number(n)} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _si(n: float, unit: str) -> str:
+    """A count in SI units, 1 k = 1000: '2.47 GFLOP'."""
+    for prefix in ("", "k", "M", "G", "T", "P"):
+        if abs(n) < 999.5 or prefix == "P":
+            return f"{n:.0f} {unit}" if not prefix else f"{_number(n)} {prefix}{unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _parameters(n: int) -> str:
+    """A parameter count as model names write it: 125K, 12.6M, 1.24B."""
+    for suffix in ("", "K", "M", "B"):
+        if n < 999.5 or suffix == "B":
+            return f"{n:.0f}" if not suffix else f"{_number(n)}{suffix}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _resolve(name: str) -> ModelConfig:
+    """A model directory or a preset; an argument that looks like a path is never reported as a preset."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return read_config(path)
+    if path.exists():
+        raise CheckpointError(f"{name}: not a directory (a model directory holds config.json and the weights)")
+    if os.sep in name or "/" in name or name.startswith((".", "~")):
+        raise CheckpointError(f"{name}: no such directory")
+    return preset(name)
+
+
+def _presets() -> list[dict[str, Any]]:
+    """One row per preset, with the other names of the same preset (gpt2 = gpt2-124m)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for name, fields in PRESETS.items():
+        if id(fields) in rows:
+            rows[id(fields)]["aliases"].append(name)
+            continue
+        config = preset(name)
+        rows[id(fields)] = {"name": name, "aliases": [], "family": config.family,
+                            "parameters": model_cost(config).parameters}
+    return list(rows.values())
+
+
+def _recipes() -> list[dict[str, str]]:
+    """configs/*.yaml, each with the first clause of its leading comment."""
+    if not RECIPES_DIR.is_dir():
+        return []
+    recipes = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        comment = " ".join(line.lstrip("#").strip() for line in itertools.takewhile(lambda x: x.startswith("#"), lines))
+        about = re.sub(r"\s*\([^)]*\)", "", comment).split(". ")[0].split(": ")[0]  # the headline, asides dropped
+        recipes.append({"path": str(path), "about": about if len(about) <= 100 else about[:97] + "..."})
+    return recipes
+
+
+def _list(as_json: bool) -> int:
+    presets, recipes = _presets(), _recipes()
+    if as_json:
+        print(json.dumps({"presets": presets, "recipes": recipes}))
+        return 0
+    print("presets (details: lmstack info NAME; in a config: `preset: NAME` under model:)")
+    for row in presets:
+        also = f"  (= {', '.join(row['aliases'])})" if row["aliases"] else ""
+        print(f"  {row['name']:<14} {row['family']:<8} {_parameters(row['parameters']):>6} parameters{also}")
+    if recipes:
+        print(f"recipes in {RECIPES_DIR} (lmstack pretrain --config PATH)")
+        for recipe in recipes:
+            print(f"  {Path(recipe['path']).name:<24} {recipe['about']}")
+    else:
+        print("recipes: none here (the example configs/ ship with a source checkout of lmstack)")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     """Parameter count, memory (fp32/bf16/int8/int4), AdamW training memory and FLOPs/token of a preset or checkpoint."""
     parser = argparse.ArgumentParser(prog="lmstack info", description=main.__doc__)
-    parser.add_argument("model", help=f"a model directory or a preset: {', '.join(sorted(PRESETS))}")
+    parser.add_argument("model", nargs="?", help=f"a model directory or a preset: {', '.join(sorted(PRESETS))}")
+    parser.add_argument("--list", action="store_true",
+                        help="list the presets (name, family, parameters) and the recipe configs, then exit")
     parser.add_argument("--context", type=int, default=None, help="tokens of context for the FLOPs figure")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    config = read_config(args.model) if Path(args.model).is_dir() else preset(args.model)
+    if args.list:
+        return _list(args.json)
+    if args.model is None:
+        parser.error("give a model directory or a preset name (--list shows the presets)")
+    config = _resolve(args.model)
     cost = model_cost(config, args.context)
     if args.json:
         print(json.dumps({"model": args.model, "config": config.to_dict(), **cost.__dict__}))
@@ -36,9 +130,9 @@ def main(argv: list[str]) -> int:
           f"{config.num_heads} heads / {config.num_kv_heads} kv heads, vocab {config.vocab_size})")
     print(f"parameters       {cost.parameters:,} ({cost.non_embedding_parameters:,} without embeddings)")
     for precision, nbytes in cost.weights_bytes.items():
-        print(f"weights {precision:<8} {_human(nbytes)}")
-    print(f"train (AdamW)    {_human(cost.adamw_training_bytes)} for fp32 weights, grads and moments, "
-          f"+ ~{_human(cost.activation_bytes_per_token)} activations per token in a batch")
-    print(f"FLOPs / token    forward {_human(cost.forward_flops_per_token, 'FLOP')}, "
-          f"training {_human(cost.training_flops_per_token, 'FLOP')} (6N + attention at context {context})")
+        print(f"weights {precision:<8} {_bytes(nbytes)}")
+    print(f"train (AdamW)    {_bytes(cost.adamw_training_bytes)} for fp32 weights, grads and moments, "
+          f"+ ~{_bytes(cost.activation_bytes_per_token)} activations per token in a batch")
+    print(f"FLOPs / token    forward {_si(cost.forward_flops_per_token, 'FLOP')}, "
+          f"training {_si(cost.training_flops_per_token, 'FLOP')} (6N + attention at context {context})")
     return 0

@@ -7,10 +7,13 @@ directory renamed into place at the end: a crash leaves either the old directory
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -93,8 +96,17 @@ def lmstack_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterat
 
 # ------------------------------------------------------------------------------------------- load
 def read_config(directory: str | Path) -> ModelConfig:
+    """config.json -> ModelConfig. A quantized checkpoint is refused: its packed tensors would be misread."""
     path = Path(directory) / "config.json"
     hf = read_json(path, CheckpointError, "not found; a model directory needs config.json")
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    quantization = hf.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method", "unnamed") if isinstance(quantization, dict) else quantization
+        raise CheckpointError(f"{path}: quantization_config (quant_method {method!r}) is not supported yet; lmstack "
+                              "reads unquantized weights only (use the unquantized checkpoint, or dequantize it "
+                              "with transformers and save_pretrained)")
     return config_from_hf(hf, str(path))
 
 
@@ -117,9 +129,11 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def load_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Read a directory's weights into lmstack names, checking names and shapes against `config`."""
-    directory = Path(directory)
+def _read_tensors(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory under its lmstack name, names and shapes checked against `config`.
+
+    A tied config's lm_head.weight is read too when the file has one: the caller decides what it means.
+    """
     files = _weight_files(directory)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(config).state_dict().items()}
@@ -138,8 +152,6 @@ def load_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, tor
                 if not tensor.is_floating_point():
                     raise CheckpointError(f"{file}: tensor {hf_name} has dtype {tensor.dtype}; expected floating point")
                 for name, converted in hf_to_lmstack(hf_name, tensor, config):
-                    if name == "lm_head.weight" and config.tie_word_embeddings:
-                        continue  # tied: the embedding matrix is the head
                     if name not in expected:
                         raise CheckpointError(f"{file}: unexpected tensor {hf_name} for a {config.family} model "
                                               f"with this config.json (is it another architecture?)")
@@ -147,20 +159,78 @@ def load_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, tor
                         raise CheckpointError(f"{file}: tensor {hf_name} has shape {tuple(tensor.shape)}, but "
                                               f"config.json implies {tuple(expected[name])} for {name}")
                     state[name] = converted
-    tied_head = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(set(expected) - set(state) - tied_head)
-    if missing:
-        raise CheckpointError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing in all)")
     return state
 
 
+def _separate_head(state: dict[str, torch.Tensor], config: ModelConfig) -> bool:
+    """For a tied config: drop a stored head equal to the embedding; True when the file holds a different one."""
+    head = state.get("lm_head.weight")
+    if not config.tie_word_embeddings or head is None:
+        return False
+    if torch.equal(head, state.get("model.embed_tokens.weight", head)):
+        del state["lm_head.weight"]  # saved twice (some exporters do): one matrix, still tied
+        return False
+    return True
+
+
+def _check_complete(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path) -> None:
+    with torch.device("meta"):
+        expected = set(Transformer(config).state_dict())
+    tied_head = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(expected - set(state) - tied_head)
+    if missing == ["lm_head.weight"]:
+        raise CheckpointError(f"{directory}: missing tensor lm_head.weight; config.json has tie_word_embeddings "
+                              "false, so the output head must be in the weights (if this model reuses its "
+                              "embedding matrix as the head, set \"tie_word_embeddings\": true in config.json)")
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+
+
+def load_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Read a directory's weights into lmstack names, checking names and shapes against `config` (kept as given)."""
+    directory = Path(directory)
+    state = _read_tensors(directory, config)
+    if _separate_head(state, config):
+        raise CheckpointError(f"{directory}: the config ties the embeddings (tie_word_embeddings true) but the "
+                              "weights hold a different lm_head.weight; pass an untied config (lmstack.load_model "
+                              "unties it, as transformers does)")
+    _check_complete(state, config, directory)
+    return state
+
+
+def read_model(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """config.json and the weights of a directory, as transformers would assemble them.
+
+    A config that ties the embeddings while the weights hold a different lm_head.weight is untied with a
+    warning (transformers 5 does the same; dropping the stored head would change the model's outputs).
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    state = _read_tensors(directory, config)
+    if _separate_head(state, config):
+        warnings.warn(f"{directory}: config.json sets tie_word_embeddings true, but the weights hold an "
+                      "lm_head.weight that differs from model.embed_tokens.weight; keeping both (untied), as "
+                      "transformers does. Set \"tie_word_embeddings\": false in config.json to silence this.",
+                      UserWarning, stacklevel=3)
+        config = config.replace(tie_word_embeddings=False)
+    _check_complete(state, config, directory)
+    return config, state
+
+
 def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None, **overrides) -> Transformer:
-    """A Hugging Face / lmstack model directory, or a preset name (random init, `overrides` applied)."""
+               device: torch.device | str | None = None, **overrides: Any) -> Transformer:
+    """A Hugging Face / lmstack model directory, or a preset name (random init, ModelConfig `overrides` applied).
+
+    Every keyword is checked: a directory takes dtype and device only, a preset also ModelConfig fields; a
+    misspelt or unsupported option (`adapter=`) is a ConfigError naming it, never silently ignored.
+    """
     path = Path(path_or_preset)
     if path.is_dir():
-        config = read_config(path)
-        state = load_state_dict(path, config)
+        if overrides:
+            raise ConfigError(f"load_model({str(path)!r}): unknown {_names(overrides)}; a model directory "
+                              "takes dtype and device only (ModelConfig overrides apply to a preset name; edit "
+                              "config.json to change a checkpoint's config)")
+        config, state = read_model(path)
         with torch.device("meta"):
             model = Transformer(config)
         if dtype is None:  # CPU policy: compute in fp32 whatever the file holds
@@ -171,6 +241,11 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
             model.lm_head.weight = model.model.embed_tokens.weight
         model.reset_buffers()
     elif str(path_or_preset) in PRESETS:
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = {k: v for k, v in overrides.items() if k not in fields}
+        if unknown:
+            raise ConfigError(f"load_model({str(path_or_preset)!r}): unknown {_names(unknown)}; a preset "
+                              f"takes dtype, device and ModelConfig fields ({', '.join(sorted(fields))})")
         model = Transformer(preset(str(path_or_preset), **overrides))
         if dtype is not None:
             model = model.to(dtype)
@@ -178,6 +253,11 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{path_or_preset}: neither a model directory nor a preset name "
                               f"(presets: {', '.join(sorted(PRESETS))})")
     return model.to(device) if device is not None else model
+
+
+def _names(arguments: dict[str, Any]) -> str:
+    """'argument 'x'' or 'arguments 'x', 'y'' for a message."""
+    return ("argument " if len(arguments) == 1 else "arguments ") + ", ".join(repr(n) for n in sorted(arguments))
 
 
 # ------------------------------------------------------------------------------------------- save
@@ -237,5 +317,5 @@ def save_model(model: Transformer, path: str | Path, *, max_shard_bytes: int = D
     return path
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_model", "load_state_dict", "read_config", "save_model",
-           "write_weights"]
+__all__ = ["CheckpointError", "ConfigError", "load_model", "load_state_dict", "read_config", "read_model",
+           "save_model", "write_weights"]

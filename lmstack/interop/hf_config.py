@@ -1,12 +1,18 @@
 """config.json (Hugging Face, llama / mistral / qwen2 / gpt2) <-> ModelConfig.
 
 Both the transformers v4 layout (`rope_theta` + `rope_scaling`) and v5 (`rope_parameters`) are read;
-v4 keys plus `rope_parameters` are written so either version loads the result. Missing keys take the
-defaults of the Hugging Face config class for that family, as transformers itself would.
+the v4 layout is written, which transformers 4 and 5 both read. Missing keys take the
+defaults of the Hugging Face config class for that family, as transformers itself would; a key present
+with the value null means None (no bos id, no sliding window), as it does to transformers.
+
+One home per value: for a family transformers reads, the Hugging Face keys are the config, so a user who
+edits `rope_theta` or `max_position_embeddings` gets that value in lmstack as in transformers. Only a
+config no Hugging Face architecture expresses is written as lmstack's own block (model_type "lmstack").
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from lmstack.config import ModelConfig, RopeScaling
@@ -24,28 +30,69 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=10000.0,
                   bos_token_id=None, eos_token_id=None, sliding_window=None),
 }
+# Keys whose null in config.json means None, not "use the default" (transformers reads them that way).
+_NULLABLE = {"bos_token_id", "eos_token_id", "pad_token_id", "sliding_window"}
+# The Hugging Face key that holds each ModelConfig field (same name when not listed), to name it in messages.
+_ARCH = dict(family="model_type", mlp_kind="model_type", norm_kind="model_type", norm_bias="model_type",
+             position_kind="model_type")
+_HF_KEYS: dict[str, dict[str, str]] = {
+    "rope": dict(_ARCH, num_layers="num_hidden_layers", num_heads="num_attention_heads",
+                 num_kv_heads="num_key_value_heads", norm_eps="rms_norm_eps", max_seq_len="max_position_embeddings",
+                 dropout="attention_dropout", init_std="initializer_range", qkv_bias="attention_bias",
+                 out_bias="attention_bias"),
+    "gpt2": dict(_ARCH, hidden_size="n_embd", num_layers="n_layer", num_heads="n_head", intermediate_size="n_inner",
+                 max_seq_len="n_positions", norm_eps="layer_norm_epsilon", dropout="resid_pdrop",
+                 init_std="initializer_range", mlp_kind="activation_function", num_kv_heads="n_head",
+                 head_dim="n_embd"),
+}
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                      "gelu": "gelu", "relu": "relu"}
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Translate a Hugging Face config.json dict; unsupported settings raise ConfigError naming `source` and key."""
-    if isinstance(hf.get("lmstack"), dict):  # written by lmstack: the exact config, nothing lost
+    """Translate a Hugging Face config.json dict; unsupported settings raise ConfigError naming `source` and key.
+
+    For a family transformers reads, the Hugging Face keys are the config. An "lmstack" block beside them (the
+    full copy lmstack wrote before it kept one home per value) is only compared: where it disagrees, the
+    Hugging Face key wins, as it does in transformers, and a warning names both values.
+    """
+    model_type = hf.get("model_type")
+    block = hf.get("lmstack")
+    if model_type not in ARCHITECTURES and isinstance(block, dict):  # no HF architecture: the block is all there is
         try:
-            return from_dict(ModelConfig, hf["lmstack"])
+            return from_dict(ModelConfig, block)
         except ConfigError as e:
             raise ConfigError(f"{source}: lmstack.{e}") from None
-    model_type = hf.get("model_type")
     if model_type == "gpt2":
-        return _gpt2_from_hf(hf, source)
-    if model_type not in _FAMILY_DEFAULTS:
+        config = _gpt2_from_hf(hf, source)
+    elif model_type in _FAMILY_DEFAULTS:
+        config = _rope_family_from_hf(hf, model_type, source)
+    else:
         known = ", ".join(ARCHITECTURES)
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: {known})")
+    if isinstance(block, dict):
+        _warn_stale_block(config, block, source)
+    return config
+
+
+def _warn_stale_block(config: ModelConfig, block: dict[str, Any], source: str) -> None:
+    ours = to_dict(config)
+    keys = _HF_KEYS["gpt2" if config.family == "gpt2" else "rope"]
+    stale = [f"{keys.get(name, name)} gives {name}={ours[name]!r} where lmstack.{name} says {value!r}"
+             for name, value in block.items() if name in ours and ours[name] != value]
+    if stale:
+        warnings.warn(f"{source}: the \"lmstack\" block disagrees with the Hugging Face keys ({'; '.join(stale)}); "
+                      "using the Hugging Face keys, as transformers does. Delete the \"lmstack\" block (an older "
+                      "lmstack's copy of those keys) to silence this.", UserWarning, stacklevel=4)
+
+
+def _rope_family_from_hf(hf: dict[str, Any], model_type: str, source: str) -> ModelConfig:
     defaults = _FAMILY_DEFAULTS[model_type]
 
     def get(key: str, default: Any = None) -> Any:
-        value = hf.get(key)
-        return defaults.get(key, default) if value is None else value
+        if key in hf and (hf[key] is not None or key in _NULLABLE):
+            return hf[key]
+        return defaults.get(key, default)
 
     if get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported for {model_type} (only silu)")
@@ -74,19 +121,43 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
 
 
 def _rope_from_hf(hf: dict[str, Any], default_theta: float, source: str) -> tuple[float, RopeScaling]:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta") or hf.get("rope_theta") or default_theta)
+    """theta and scaling as transformers 5 reads them (rope_scaling, else rope_parameters; their rope_theta, else
+    the top-level one). Where the file says two things, transformers 4 (top-level rope_theta and rope_scaling)
+    and 5 build different models from it, so a disagreement is an error naming both keys, not a guess."""
+    places = {key: hf[key] for key in ("rope_scaling", "rope_parameters") if isinstance(hf.get(key), dict)}
+    scalings = {key: _scaling_from_hf(params, f"{source}: {key}") for key, params in places.items()}
+    if len(scalings) == 2 and scalings["rope_scaling"] != scalings["rope_parameters"]:
+        raise ConfigError(f"{source}: rope_scaling is {hf['rope_scaling']} but rope_parameters is "
+                          f"{hf['rope_parameters']}; transformers reads rope_scaling and ignores rope_parameters "
+                          "when both are present: make them agree, or delete one")
+    thetas = {f"{key}.rope_theta": params["rope_theta"] for key, params in places.items()
+              if params.get("rope_theta") is not None}
+    if hf.get("rope_theta") is not None:
+        thetas["rope_theta"] = hf["rope_theta"]
+    if len({float(v) for v in thetas.values()}) > 1:
+        said = ", ".join(f"{key} is {value}" for key, value in thetas.items())
+        raise ConfigError(f"{source}: {said}; transformers 4 reads rope_theta and transformers 5 the one inside "
+                          "rope_scaling / rope_parameters, so they would build different models: set them all to "
+                          "the value you want")
+    theta = float(next(iter(thetas.values()), default_theta))
+    return theta, next(iter(scalings.values()), RopeScaling())
+
+
+def _scaling_from_hf(params: dict[str, Any], where: str) -> RopeScaling:
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return theta, RopeScaling()
-    if kind == "linear":
-        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
-    if kind == "llama3":
-        return theta, RopeScaling(kind="llama3", factor=float(params["factor"]),
-                                  low_freq_factor=float(params["low_freq_factor"]),
-                                  high_freq_factor=float(params["high_freq_factor"]),
-                                  original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    raise ConfigError(f"{source}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+    try:
+        if kind == "default":
+            return RopeScaling()
+        if kind == "linear":
+            return RopeScaling(kind="linear", factor=float(params["factor"]))
+        if kind == "llama3":
+            return RopeScaling(kind="llama3", factor=float(params["factor"]),
+                               low_freq_factor=float(params["low_freq_factor"]),
+                               high_freq_factor=float(params["high_freq_factor"]),
+                               original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise ConfigError(f"{where}: rope type {kind!r} needs the key {e.args[0]!r}") from None
+    raise ConfigError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def _qwen2_window(hf: dict[str, Any], source: str) -> int | None:
@@ -153,8 +224,9 @@ def hf_incompatibility(config: ModelConfig) -> str | None:
 def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     """ModelConfig -> a config.json dict that transformers loads as the family's architecture.
 
-    The exact lmstack config rides along under the "lmstack" key (transformers ignores it). A config the
-    family cannot express gets model_type "lmstack" so nobody mistakes it for a loadable HF model.
+    A config the family cannot express gets model_type "lmstack" and is written whole under the "lmstack" key,
+    so nobody mistakes it for a loadable HF model. Otherwise the Hugging Face keys alone hold it (config_from_hf
+    reads every field back exactly), so there is no second copy to go stale when a user edits one.
     """
     family = config.family
     common = dict(vocab_size=config.vocab_size, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -169,22 +241,21 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
                     layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
                     attn_pdrop=config.dropout, scale_attn_weights=True)
     else:
-        scaling = config.rope_scaling
-        rope_parameters: dict[str, Any] = {"rope_type": "default" if scaling.kind == "none" else scaling.kind,
-                                           "rope_theta": config.rope_theta}
-        if scaling.kind != "none":
-            rope_parameters["factor"] = scaling.factor
-        if scaling.kind == "llama3":
-            rope_parameters.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
-                                   original_max_position_embeddings=scaling.original_max_position_embeddings)
         body = dict(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                     num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
                     num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, hidden_act="silu",
                     max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
-                    rope_theta=config.rope_theta, rope_parameters=rope_parameters,
-                    attention_dropout=config.dropout)
-        if scaling.kind != "none":
-            body["rope_scaling"] = dict(rope_parameters)
+                    rope_theta=config.rope_theta, attention_dropout=config.dropout)
+        # The v4 layout, each value once: transformers 4 reads it, and 5 moves rope_theta into rope_parameters
+        # itself. A second copy (v5's rope_parameters) would let an edit to one be ignored by one version.
+        scaling = config.rope_scaling
+        if scaling.kind == "linear":
+            body["rope_scaling"] = dict(rope_type="linear", factor=scaling.factor)
+        elif scaling.kind == "llama3":
+            body["rope_scaling"] = dict(rope_type="llama3", factor=scaling.factor,
+                                        low_freq_factor=scaling.low_freq_factor,
+                                        high_freq_factor=scaling.high_freq_factor,
+                                        original_max_position_embeddings=scaling.original_max_position_embeddings)
         if family == "llama":
             body.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
         elif family == "mistral":
@@ -192,4 +263,4 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         elif family == "qwen2":
             body.update(use_sliding_window=config.sliding_window is not None,
                         sliding_window=config.sliding_window, max_window_layers=0)
-    return dict(architectures=[ARCHITECTURES[family]], model_type=family, **common, **body, lmstack=to_dict(config))
+    return dict(architectures=[ARCHITECTURES[family]], model_type=family, **common, **body)

@@ -22,7 +22,6 @@ def tiny_dir(tmp_path):
 
 def test_unknown_architecture(tiny_dir):
     config = json.loads((tiny_dir / "config.json").read_text())
-    del config["lmstack"]
     config["model_type"] = "falcon"
     (tiny_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"config.json: model_type 'falcon' is not supported"):

@@ -27,8 +27,10 @@ def build_hf_model(family: str, directory: Path, **overrides):
         config = transformers.Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
         model = transformers.Qwen2ForCausalLM(config)
     elif family == "gpt2":
+        # GPT-2's special id is its last token (50256 of 50257): keep it inside the tiny vocabulary
         config = transformers.GPT2Config(**{**dict(vocab_size=211, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), **overrides})
+                                                   bos_token_id=210, eos_token_id=210, resid_pdrop=0.0,
+                                                   embd_pdrop=0.0, attn_pdrop=0.0), **overrides})
         model = transformers.GPT2LMHeadModel(config)
     else:
         raise ValueError(family)

@@ -88,7 +88,8 @@ def test_config_round_trip(family, tmp_path):
     hf = json.loads((tmp_path / "hf/config.json").read_text())
     config = config_from_hf(hf)
     written = config_to_hf(config)
-    assert config_from_hf({k: v for k, v in written.items() if k != "lmstack"}) == config
+    assert "lmstack" not in written  # the Hugging Face keys alone hold the config: one home per value
+    assert config_from_hf(written) == config
     keys = {"llama": ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"],
             "gpt2": ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "layer_norm_epsilon",
@@ -96,5 +97,25 @@ def test_config_round_trip(family, tmp_path):
     for key in keys["gpt2" if family == "gpt2" else "llama"]:
         assert written[key] == hf[key], key
     if family != "gpt2":
-        assert written["rope_parameters"]["rope_theta"] == hf["rope_parameters"]["rope_theta"]
+        assert written["rope_theta"] == hf["rope_parameters"]["rope_theta"]
         assert written.get("sliding_window") == hf.get("sliding_window")
+
+
+@pytest.mark.parametrize("scaling", [dict(kind="linear", factor=4.0),
+                                     dict(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=32)])
+def test_rope_scaling_written_once_loads_in_transformers(scaling, tmp_path):
+    import transformers
+
+    config = lmstack.preset("llama-tiny", rope_theta=500.0, rope_scaling=scaling)
+    model = lmstack.Transformer(config).eval()
+    lmstack.save_model(model, tmp_path / "scaled")
+    written = json.loads((tmp_path / "scaled/config.json").read_text())
+    assert "rope_parameters" not in written and written["rope_theta"] == 500.0  # theta has one home
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "scaled", dtype=torch.float32).eval()
+    assert reloaded.config.rope_parameters["rope_type"] == scaling["kind"]
+    assert reloaded.config.rope_parameters["rope_theta"] == 500.0
+    ids = torch.randint(0, config.vocab_size, (2, 64))
+    with torch.no_grad():
+        assert (model(ids) - reloaded(ids).logits).abs().max().item() <= TOL
+    assert lmstack.load_model(tmp_path / "scaled").config == config

@@ -128,6 +128,15 @@ def test_config_errors_name_the_key(tmp_path: Path):
     with pytest.raises(ConfigError, match="unknown key model.hiden_size"):
         build_model_config({"hiden_size": 3}, 66, 65)
     with pytest.raises(ConfigError, match=r"model.vocab_size \(10\) is smaller than the data's vocab_size \(66\)"):
-        build_model_config({"preset": "llama-tiny", "vocab_size": 10}, 66, 65)
+        build_model_config({"preset": "llama-tiny", "vocab_size": 10, "eos_token_id": 2}, 66, 65)
     with pytest.raises(ConfigError, match="model.preset: unknown preset 'nope'"):
         build_model_config({"preset": "nope"}, 66, 65)
+
+
+def test_a_preset_on_this_data_keeps_no_special_ids_of_the_presets_tokenizer():
+    """llama-1b's bos 128000 belongs to Llama 3's tokenizer: on a 4096-token dataset it is dropped (eos is
+    the data's), unless the model section sets it, which is then an error naming the field."""
+    config = build_model_config({"preset": "llama-1b", "num_layers": 1}, vocab_size=4096, eos_token_id=2)
+    assert (config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id) == (4096, None, 2, None)
+    with pytest.raises(ConfigError, match=r"model: bos_token_id 128000 is outside the vocabulary \[0, 4096\)"):
+        build_model_config({"preset": "llama-1b", "bos_token_id": 128000}, vocab_size=4096, eos_token_id=2)

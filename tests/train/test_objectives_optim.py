@@ -68,7 +68,7 @@ def test_causal_lm_loss_equals_cross_entropy_of_model_logits():
 
 def test_parameter_groups_no_decay_for_norms_biases_embeddings():
     model = Transformer(preset("gpt2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
-                                intermediate_size=64, max_seq_len=16))
+                                intermediate_size=64, max_seq_len=16, bos_token_id=63, eos_token_id=63))
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = parameter_groups(model, OptimConfig())
     decay_names = {names[id(p)] for p in decay["params"]}

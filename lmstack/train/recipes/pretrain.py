@@ -50,10 +50,13 @@ def build_model_config(model: dict, vocab_size: int, eos_token_id: int) -> Model
                 merged[key] = None
     if "eos_token_id" not in fields:
         merged["eos_token_id"] = eos_token_id
-    config = from_dict(ModelConfig, merged, prefix="model.")
-    if config.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size ({config.vocab_size}) is smaller than the data's vocab_size ({vocab_size})")
-    return config
+    if isinstance(merged["vocab_size"], int) and merged["vocab_size"] < vocab_size:
+        raise ConfigError(f"model.vocab_size ({merged['vocab_size']}) is smaller than the data's vocab_size "
+                          f"({vocab_size})")
+    try:
+        return from_dict(ModelConfig, merged, prefix="model.")
+    except ConfigError as e:  # ModelConfig.validate's messages name the field without the section
+        raise ConfigError(str(e) if "model." in str(e) else f"model: {e}") from None
 
 
 def _tokenizer_files(data_dir: Path) -> dict[str, Path]:
