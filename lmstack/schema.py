@@ -158,12 +158,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def decode_utf8(data: bytes, where: str, error: type[Exception] = ConfigError, fix: str = "save it as UTF-8") -> str:
-    """Bytes -> text; bytes that are not UTF-8 are one `error` naming `where`, the line and the column."""
+def decode_utf8(data: bytes, where: str, error: type[Exception] = ConfigError, fix: str = "save it as UTF-8",
+                first_line: int = 1) -> str:
+    """Bytes -> text; bytes that are not UTF-8 are one `error` naming `where`, the line and the column
+    (lines counted from `first_line`: the number of the first line of `data` in its file or stream)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + first_line
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise error(f"{where}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); {fix}") from None
 
