@@ -7,7 +7,7 @@ time and decode tokens/s separately, eager and with the decode step compiled (on
 into the graph, lmstack/generate/compiled.py), and the compiled side's first call (compilation included;
 inductor's on-disk cache makes a second process faster). The batch-1 roofline
 fraction is weight bytes x decode tokens/s over the copy bandwidth (bytes read + written per second
-copying a 256 MiB buffer) measured in the same run.
+copying a 256 MiB buffer) measured in the same run. The CPU model and its vector flags are printed with it.
 
 Prints exactly one JSON line.
 """
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,22 @@ from timing import best_seconds  # benchmarks/timing.py (the script's own direct
 CONFIG = dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376,
               max_seq_len=1024, tie_word_embeddings=True)
 PROMPT, NEW = 32, 64
+
+
+def machine() -> dict[str, object]:
+    """The CPU this ran on: its model name and the vector extensions that matter for fp32/bf16 GEMMs (detected)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    return {"cpu": model, "cpu_flags": [f for f in wanted if f in flags], "threads": torch.get_num_threads()}
 
 
 def copy_bandwidth(repeats: int = 10) -> float:
@@ -77,7 +95,7 @@ def main() -> None:
     weight_bytes = model.num_parameters() * 4  # tied: the head reads the embedding matrix once per token
     bandwidth = copy_bandwidth()
     result: dict[str, object] = {"benchmark": "decode", "params": model.num_parameters(), "dtype": "float32",
-                                 "prompt_tokens": PROMPT, "new_tokens": NEW, "threads": torch.get_num_threads(),
+                                 "prompt_tokens": PROMPT, "new_tokens": NEW, **machine(),
                                  "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2)}
     prompts = {B: torch.randint(0, CONFIG["vocab_size"], (B, PROMPT)) for B in args.batches}
     # Every peer and eager figure first, every compiled one after: compiling leaves inductor's worker

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import lmstack
 from lmstack.config import ModelConfig
+from decode import machine  # benchmarks/decode.py (the script's own directory is on sys.path)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare"
 
@@ -100,7 +101,7 @@ def main() -> None:
         "draft_tokens": args.draft_tokens, "acceptance_rate": round(sum(accepted) / len(accepted), 3),
         "lmstack_tok_s": round(tokens / spec_s, 1), "peer_tok_s": round(tokens / plain_s, 1),
         "peer": "the same target, plain greedy lmstack.generate", "ratio": round(plain_s / spec_s, 2),
-        "outputs_identical": True, "threads": torch.get_num_threads(),
+        "outputs_identical": True, **machine(),
     }))
 
 

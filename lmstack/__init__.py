@@ -10,7 +10,7 @@ Public API:
 from lmstack.config import PRESETS, ModelConfig, preset
 from lmstack.interop.hf import load_model, save_model
 from lmstack.model.transformer import Transformer
-from lmstack.generate.generate import generate  # after the subpackage import: lmstack.generate is the function
+from lmstack.generate.api import generate  # after the subpackage import: lmstack.generate is the function
 
 __version__ = "0.1.0"
 

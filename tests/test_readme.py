@@ -5,7 +5,8 @@ block is one test, run in file order in one shared directory (later blocks use w
 as a reader following the README would). `lmstack ...` commands run in this process (through the CLI's
 `main`, exactly as the shell would call it), anything else in bash.
 
-- The download (`curl ... input.txt`) is served from the test data (LMSTACK_TEST_DATA): no network here.
+- The download (`curl ... input.txt`) is served from the test data (LMSTACK_TEST_DATA): no network here;
+  `../shared/data` (where this repository's development data sits beside the checkout) is that data too.
 - Expensive commands (SLOW) run only with --runslow; cheap ones always. Long runs get small settings
   (SMALL: options appended, later options win) so the default suite stays fast.
 - Blocks that install packages or run this test suite (SKIP) are not run.
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 SKIP = ("pip install", "python -m pytest", "python3 -m venv")
-SLOW = ("builtin:python-docs", "lmstack quickstart", "torchrun", "runs/quickstart")
+SLOW = ("builtin:python-docs", "lmstack quickstart", "torchrun", "runs/quickstart", "runs/gutenberg")
 SMALL = {  # command prefix -> options appended in the default (fast) run
     "lmstack pretrain": ["--train.steps=4", "--train.eval_every=2", "--train.eval_windows=4",
                          "--train.progress=false", "--train.peak_flops=1e12"],
@@ -117,6 +118,7 @@ def test_readme_block(block: Block, checkout: Path, request, monkeypatch, shared
 
 def run_command(command: str, cwd: Path, shared_data: Path, small: bool) -> str:
     """Run one README command; returns its standard output. A failure fails the test with the command."""
+    command = command.replace("$PWD/../shared/data", str(shared_data)).replace("../shared/data", str(shared_data))
     words = shlex.split(command, comments=True)
     if words[0] == "curl":
         name = words[-1].rsplit("/", 1)[-1]

@@ -25,6 +25,9 @@ VERBS: dict[str, str] = {
     "pretrain": "lmstack.cli.pretrain:main",
     "generate": "lmstack.cli.generate:main",
     "chat": "lmstack.cli.chat:main",
+    "eval": "lmstack.cli.eval:main",
+    "quantize": "lmstack.cli.quantize:main",
+    "export": "lmstack.cli.export:main",
 }
 
 

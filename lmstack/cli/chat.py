@@ -9,7 +9,7 @@ from typing import Any
 
 from lmstack.cli.generate import add_generation_flags, config_from_args, load_model_and_tokenizer
 from lmstack.errors import ConfigError
-from lmstack.generate.generate import stream
+from lmstack.generate.api import stream
 
 # Markers that end an assistant turn in the common chat templates (ChatML, Llama 3, Phi, SentencePiece).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
@@ -85,7 +85,9 @@ def _fit_conversation(tokenizer: Any, system: str | None, history: list[dict[str
     latest message alone does not fit)."""
     while history:
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        # Without special tokens, as transformers' apply_chat_template(tokenize=True): the template writes them.
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                               add_special_tokens=False)
         if len(ids) <= budget:
             return ids
         if len(history) == 1:

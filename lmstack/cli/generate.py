@@ -17,8 +17,10 @@ from typing import Any, TextIO
 
 from lmstack.atomic import atomic_file
 from lmstack.errors import CheckpointError, ConfigError, DataError, InputFileError
+from lmstack.generate.api import generate, stream
 from lmstack.generate.config import GenerationConfig
-from lmstack.generate.generate import GenerationOutput, generate, stream
+from lmstack.generate.prompts import encode_prompts
+from lmstack.generate.results import GenerationOutput
 from lmstack.schema import from_dict, load_yaml
 
 # ------------------------------------------------------------------------------------------- shared flags
@@ -35,6 +37,9 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"default {default!r}"
         if f.name == "early_stopping":
             group.add_argument(flag, choices=["true", "false", "never"], default=None, help=help_text)
+        elif f.name == "add_special_tokens":  # on by default: the flag turns it off
+            group.add_argument("--no-special-tokens", dest=f.name, action="store_false", default=None,
+                               help="encode text prompts without the tokenizer's special tokens (e.g. no BOS)")
         elif tp is bool:
             group.add_argument(flag, action="store_true", default=None, help=help_text)
         elif f.name == "stop":
@@ -95,7 +100,11 @@ def _read_prompts_file(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, record
 
 
-def _prompt_text(record: dict[str, Any], tokenizer: Any, chat: bool, system: str | None, where: str) -> str:
+def _prompt_ids(record: dict[str, Any], tokenizer: Any, chat: bool, system: str | None, where: str,
+                config: GenerationConfig) -> list[int]:
+    """A plain prompt is encoded as `tok(text)` (special tokens unless --no-special-tokens); a chat rendered
+    from the template without them, as transformers' apply_chat_template(tokenize=True): the template
+    writes its own (a Llama template's BOS would otherwise be doubled)."""
     if "messages" in record:
         messages = record["messages"]
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -105,8 +114,9 @@ def _prompt_text(record: dict[str, Any], tokenizer: Any, chat: bool, system: str
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": record["prompt"]}]
     else:
-        return record["prompt"]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return encode_prompts(record["prompt"], tokenizer, config.add_special_tokens)[0]
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                            add_special_tokens=False)
 
 
 def _record(source: dict[str, Any], out: GenerationOutput, row: int) -> dict[str, Any]:
@@ -148,11 +158,11 @@ def main(argv: list[str]) -> int:
         records = [(f"{args.prompts_file}:{n}", r) for n, r in _read_prompts_file(args.prompts_file)]
     else:
         records = [("--prompt", {"prompt": p}) for p in args.prompt]
-    texts = [_prompt_text(r, tokenizer, args.chat, args.system, where) for where, r in records]
+    prompts = [_prompt_ids(r, tokenizer, args.chat, args.system, where, config) for where, r in records]
     as_jsonl = args.jsonl or args.prompts_file is not None or args.output is not None
 
-    if not as_jsonl and len(texts) == 1 and config.num_beams == 1 and draft is None:
-        for piece in stream(model, tokenizer, texts[0], config=config):  # show tokens as they come
+    if not as_jsonl and len(prompts) == 1 and config.num_beams == 1 and draft is None:
+        for piece in stream(model, tokenizer, prompts[:1], config=config):  # show tokens as they come
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -162,9 +172,9 @@ def main(argv: list[str]) -> int:
     )
 
     results = []
-    for start in range(0, len(texts), args.batch_size):
+    for start in range(0, len(prompts), args.batch_size):
         graphs = dynamo_counters["stats"]["unique_graphs"]
-        out = generate(model, tokenizer, texts[start:start + args.batch_size], config=config, draft_model=draft)
+        out = generate(model, tokenizer, prompts[start:start + args.batch_size], config=config, draft_model=draft)
         if args.stats:
             _print_stats(out, compiled_now=dynamo_counters["stats"]["unique_graphs"] > graphs)
         results += [_record(records[start + i][1], out, i) for i in range(len(out.token_ids))]

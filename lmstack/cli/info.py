@@ -107,6 +107,18 @@ def _list(as_json: bool) -> int:
     return 0
 
 
+def _quantized_size(directory: str) -> dict | None:
+    """Method, bytes and bytes per parameter of a directory `lmstack quantize` wrote; None otherwise."""
+    hf = json.loads((Path(directory).expanduser() / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(hf.get("quantization_config"), dict):
+        return None
+    from lmstack.interop.hf import load_model
+    from lmstack.quant.apply import model_nbytes
+
+    nbytes, params = model_nbytes(load_model(Path(directory).expanduser()))
+    return {"method": hf["quantization_config"].get("method"), "bytes": nbytes, "bytes_per_parameter": nbytes / params}
+
+
 def main(argv: list[str]) -> int:
     """Parameter count, memory (fp32/bf16/int8/int4), AdamW training memory and FLOPs/token of a preset or checkpoint."""
     parser = argparse.ArgumentParser(prog="lmstack info", description=main.__doc__)
@@ -122,8 +134,10 @@ def main(argv: list[str]) -> int:
         parser.error("give a model directory or a preset name (--list shows the presets)")
     config = _resolve(args.model)
     cost = model_cost(config, args.context)
+    quantized = _quantized_size(args.model) if Path(args.model).expanduser().is_dir() else None
     if args.json:
-        print(json.dumps({"model": args.model, "config": config.to_dict(), **cost.__dict__}))
+        print(json.dumps({"model": args.model, "config": config.to_dict(), **cost.__dict__,
+                          **({"quantized": quantized} if quantized else {})}))
         return 0
     context = args.context or config.max_seq_len
     print(f"model            {args.model} ({config.family}: {config.num_layers} layers, width {config.hidden_size}, "
@@ -131,6 +145,9 @@ def main(argv: list[str]) -> int:
     print(f"parameters       {cost.parameters:,} ({cost.non_embedding_parameters:,} without embeddings)")
     for precision, nbytes in cost.weights_bytes.items():
         print(f"weights {precision:<8} {_bytes(nbytes)}")
+    if quantized:
+        print(f"quantized        {quantized['method']}: {_bytes(quantized['bytes'])} as stored, "
+              f"{quantized['bytes_per_parameter']:.3f} bytes/parameter (scales and zero points included)")
     print(f"train (AdamW)    {_bytes(cost.adamw_training_bytes)} for fp32 weights, grads and moments, "
           f"+ ~{_bytes(cost.activation_bytes_per_token)} activations per token in a batch")
     print(f"FLOPs / token    forward {_si(cost.forward_flops_per_token, 'FLOP')}, "

@@ -2,10 +2,10 @@
 
 On CPU the weights are frozen into the compiled graph. Inductor's `freezing` turns the parameters into
 constants, which lets it pre-pack every weight matrix for its own C++ GEMM micro-kernels (`max_autotune`
-with the CPP backend). At decode time the matmuls have 1-8 rows, and MKL's sgemv/sgemm reads the weights
-at about 10 GB/s on the 2-core AMD EPYC this was measured on (a plain read streams at 32 GB/s); the packed
-kernels read them at about 25 GB/s, which takes the 27M-parameter benchmark model's batch-1 decode step
-from 11.3 ms (plain torch.compile) to 4.0 ms.
+with the CPP backend). At decode time the matmuls have 1-8 rows: MKL's sgemv/sgemm then reads the
+weights well below the machine's copy bandwidth, and a decode step is little more than one read of
+every weight, so the packed kernels, which read them much closer to that bandwidth, make the step several
+times faster than plain torch.compile (measured figures: README, Benchmarks).
 
 The price of freezing is that the weights are baked in: a frozen graph does not see a later change to
 them, and the packed copies hold a second copy of the weight matrices while it lives. So a frozen graph
@@ -15,8 +15,9 @@ when the fingerprint changes. Dynamo caches compiled graphs on a function's code
 snapshot compiles its own copy of the function's code; dropping the snapshot frees its graphs.
 
 A frozen graph is also specialised to the KV-cache tensors it was compiled with (dynamo guards on their
-identity), so compiled runs do not allocate a cache per call: `kept_cache` keeps one per (batch size,
-cache length, dtype, device) for the model's lifetime, as gpt-fast keeps its cache. `release(model)`
+identity), so compiled runs do not allocate a cache per call: `take_cache` hands out a cache kept for the
+model per (rows, cache length, dtype, device) and `keep_cache` takes it back when the session ends, as
+gpt-fast keeps its cache (two sessions open at once on one model get two caches). `release(model)`
 frees the graphs and caches kept for a model.
 
 CUDA (and any other device) gets plain `torch.compile(fullgraph=True, dynamic=False)`: weights stay
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from lmstack.model.kv_cache import KVCache
-from lmstack.model.transformer import Transformer
+from lmstack.model.protocol import CausalLM, model_device
 
 # Inductor settings for a frozen CPU graph: weights as constants, packed for the C++ GEMM template.
 # "CPP" alone, not "CPP,ATEN": autotuning against MKL costs compile time and on a busy machine can
@@ -44,14 +45,14 @@ FROZEN_CPU_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gem
 
 StepFn = Callable[..., torch.Tensor]
 
-# Both keyed by model, so their entries go when the model does.
+# Both keyed by model, so their entries go when the model does. _kept_caches holds the caches not in use.
 _frozen: weakref.WeakKeyDictionary[nn.Module, dict[StepFn, tuple[tuple, StepFn]]] = weakref.WeakKeyDictionary()
-_kept_caches: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[KVCache]]] = weakref.WeakKeyDictionary()
+_kept_caches: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[list[KVCache]]]] = weakref.WeakKeyDictionary()
 
 
 def compiled_for(model: nn.Module, fn: StepFn) -> StepFn:
     """`fn(model, ...)` compiled for `model`: frozen on CPU (recompiled after its weights change), plain elsewhere."""
-    if next(model.parameters()).device.type != "cpu":
+    if model_device(model).type != "cpu":
         return _compiled(fn)
     fingerprint = weights_fingerprint(model)
     snapshots = _frozen.setdefault(model, {})
@@ -62,14 +63,22 @@ def compiled_for(model: nn.Module, fn: StepFn) -> StepFn:
     return entry[1]
 
 
-def kept_cache(model: Transformer, batch_size: int, cache_len: int) -> list[KVCache]:
-    """The per-layer KV caches compiled runs of this shape use, allocated on first use and kept after."""
-    weight = model.lm_head.weight
-    caches = _kept_caches.setdefault(model, {})
-    key = (batch_size, cache_len, weight.dtype, weight.device)
-    if key not in caches:
-        caches[key] = model.make_cache(batch_size, cache_len)
-    return caches[key]
+def take_cache(model: CausalLM, rows: int, cache_len: int) -> list[KVCache]:
+    """Per-layer KV caches of this shape for a compiled session: a kept one that no open session uses, else
+    a new one (given back with `keep_cache`)."""
+    free = _kept_caches.setdefault(model, {}).setdefault(_cache_key(model, rows, cache_len), [])
+    return free.pop() if free else model.make_cache(rows, cache_len)
+
+
+def keep_cache(model: CausalLM, caches: list[KVCache]) -> None:
+    """Take back caches from `take_cache` once their session has ended, for the next session of that shape."""
+    rows, _, cache_len, _ = caches[0].k.shape
+    _kept_caches.setdefault(model, {}).setdefault(_cache_key(model, rows, cache_len), []).append(caches)
+
+
+def _cache_key(model: CausalLM, rows: int, cache_len: int) -> tuple:
+    weight = next(model.parameters())
+    return rows, cache_len, weight.dtype, weight.device
 
 
 def release(model: nn.Module) -> None:

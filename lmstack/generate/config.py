@@ -42,6 +42,7 @@ class GenerationConfig:
     num_return_sequences: int = 1  # n-best beams returned per prompt (<= num_beams)
     num_draft_tokens: int = 4  # speculative decoding: tokens the draft model proposes per round
     truncate_prompt: bool = False  # keep a too-long prompt's last tokens instead of raising
+    add_special_tokens: bool = True  # encode text prompts as `tok(text)` does (e.g. with BOS); CLI --no-special-tokens
     compile: bool = False  # torch.compile the decode step (worth it for long generations)
 
     def __post_init__(self) -> None:

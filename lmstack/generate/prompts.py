@@ -1,18 +1,19 @@
-"""Prompt intake: text or ids in, validated and left-padded (B, P) ids + mask out.
+"""Prompt intake: text or ids in, validated id lists out.
 
-Left padding puts every row's last prompt token in the same slot, so one decode step serves the whole
-batch; the attention mask hides the pads and positions are counted from the first real token.
+Text is encoded as transformers encodes it by default (`tok(text)`: with the tokenizer's special tokens,
+e.g. BOS for Llama-style tokenizers), unless `add_special_tokens=False`. Text rendered from a chat
+template is encoded without them by its callers: the template writes them itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from lmstack.errors import ConfigError
+from lmstack.errors import ConfigError, GenerationError
+from lmstack.generate.config import GenerationConfig
 
 PromptInput = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -28,29 +29,12 @@ class TokenizerLike(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
 
-@dataclass
-class PromptBatch:
-    """B prompts, left-padded to the longest (P tokens)."""
-
-    ids: torch.Tensor  # (B, P) token ids, pads on the left
-    mask: torch.Tensor  # (B, P) 1 on real tokens, 0 on pads
-    lengths: torch.Tensor  # (B,) real tokens per row
-    prompts: list[list[int]]  # the unpadded prompts (after any truncation)
-
-    @property
-    def batch_size(self) -> int:
-        return self.ids.shape[0]
-
-    @property
-    def padded_len(self) -> int:
-        return self.ids.shape[1]
-
-
-def encode_prompts(prompts: PromptInput, tokenizer: TokenizerLike | None) -> list[list[int]]:
+def encode_prompts(prompts: PromptInput, tokenizer: TokenizerLike | None,
+                   add_special_tokens: bool = True) -> list[list[int]]:
     """Normalise every accepted prompt form to a list of id lists.
 
-    Accepted: a string or list of strings (needs a tokenizer), a list of ids, a list of id lists, or an
-    id tensor (T,) / (B, T).
+    Accepted: a string or list of strings (needs a tokenizer; encoded with the tokenizer's special tokens
+    unless `add_special_tokens` is False), a list of ids, a list of id lists, or an id tensor (T,) / (B, T).
     """
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() not in (1, 2) or prompts.dtype.is_floating_point:
@@ -70,7 +54,7 @@ def encode_prompts(prompts: PromptInput, tokenizer: TokenizerLike | None) -> lis
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ConfigError(f"prompt {i} is text but no tokenizer was given; pass a tokenizer or token ids")
-            out.append(list(tokenizer.encode(prompt, add_special_tokens=False)))
+            out.append(list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens)))
         elif isinstance(prompt, torch.Tensor):
             out.append(prompt.reshape(-1).tolist())
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
@@ -78,6 +62,16 @@ def encode_prompts(prompts: PromptInput, tokenizer: TokenizerLike | None) -> lis
         else:
             raise ConfigError(f"prompt {i}: expected a string or a list of token ids, got {_describe(prompt)}")
     return out
+
+
+def prepare_prompts(model: Any, tokenizer: TokenizerLike | None, prompts: PromptInput,
+                    config: GenerationConfig) -> list[list[int]]:
+    """Encode the prompts and check them against `model` (a CausalLM): its vocabulary and context."""
+    if config.stop and tokenizer is None:
+        raise GenerationError("stop strings are matched on decoded text: pass a tokenizer (or use eos_token_ids)")
+    ids = encode_prompts(prompts, tokenizer, config.add_special_tokens)
+    return fit_to_context(ids, model.config.vocab_size, model.config.max_seq_len, config.max_new_tokens,
+                          config.truncate_prompt)
 
 
 def _describe(value: Any) -> str:
@@ -112,13 +106,15 @@ def fit_to_context(prompts: list[list[int]], vocab_size: int, context: int, max_
     return fitted
 
 
-def left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device | str) -> PromptBatch:
-    """Left-pad B prompts to the longest: ids and mask (B, P)."""
+def right_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """B prompts -> ids (B, P) padded on the right to the longest with id 0, and lengths (B,).
+
+    Each row's prompt sits in cache slots [0, len): no padding mask is needed, because a query at slot s
+    attends only to slots <= s, and a row's pads (and their keys) come after its last real token.
+    """
     P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    ids = torch.zeros((len(prompts), P), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, P - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, P - len(prompt):] = 1
+        ids[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    return PromptBatch(ids.to(device), mask.to(device), lengths.to(device), [list(p) for p in prompts])
+    return ids.to(device), lengths.to(device)

@@ -12,12 +12,24 @@ import torch
 from lmstack.generate.config import GenerationConfig
 
 
+def make_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """The private random stream of one request: seeded with config.seed, else from the OS; None when greedy."""
+    if not config.do_sample:
+        return None
+    generator = torch.Generator(device=device)
+    if config.seed is not None:
+        generator.manual_seed(config.seed)
+    else:
+        generator.seed()
+    return generator
+
+
 class TokenCounts:
     """Per-row token statistics the penalties need: which ids the prompt holds and how often each id was
     generated. Kept on the device as (B, V) tensors and updated in place each step (no sync)."""
 
     def __init__(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size: int):
-        """prompt_ids (B, P) left-padded, prompt_mask (B, P) 1 on real tokens."""
+        """prompt_ids (B, P) padded, prompt_mask (B, P) 1 on real tokens."""
         B = prompt_ids.shape[0]
         # Padding must not count: send pad positions to a throwaway column, then drop it.
         scratch = torch.zeros(B, vocab_size + 1, dtype=torch.bool, device=prompt_ids.device)
@@ -25,6 +37,17 @@ class TokenCounts:
         scratch.scatter_(1, ids, True)
         self.in_prompt = scratch[:, :vocab_size]
         self.generated = torch.zeros(B, vocab_size, dtype=torch.float32, device=prompt_ids.device)
+
+    @classmethod
+    def from_prompts(cls, prompts: list[list[int]], vocab_size: int, device: torch.device) -> TokenCounts:
+        """From B prompts of any lengths."""
+        P = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), P, dtype=torch.long)
+        mask = torch.zeros(len(prompts), P, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, :len(prompt)] = 1
+        return cls(ids.to(device), mask.to(device), vocab_size)
 
     def add(self, tokens: torch.Tensor) -> None:
         """Count one generated token per row: tokens (B,)."""

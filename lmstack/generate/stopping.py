@@ -9,11 +9,24 @@ until it either completes the stop string or stops matching.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
+from lmstack.generate.config import GenerationConfig
 from lmstack.generate.prompts import TokenizerLike
 
 FinishReason = Literal["eos", "stop", "length"]
+
+
+def resolve_eos_ids(model: Any, tokenizer: TokenizerLike | None, config: GenerationConfig) -> set[int]:
+    """EOS ids: the config's, else the model config's plus the tokenizer's (model: a CausalLM)."""
+    if config.ignore_eos:
+        return set()
+    if config.eos_token_ids is not None:
+        return set(config.eos_token_ids)
+    ids = set(model.config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
 
 
 class SequenceState:

@@ -95,14 +95,21 @@ def lmstack_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterat
 
 
 # ------------------------------------------------------------------------------------------- load
+def _lmstack_quantized(hf: object) -> bool:
+    """config.json of a directory `lmstack quantize` wrote (load_model hands those to lmstack.quant.checkpoint)."""
+    quantization = hf.get("quantization_config") if isinstance(hf, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "lmstack"
+
+
 def read_config(directory: str | Path) -> ModelConfig:
-    """config.json -> ModelConfig. A quantized checkpoint is refused: its packed tensors would be misread."""
+    """config.json -> ModelConfig. Another tool's quantized checkpoint is refused: its packed tensors would be
+    misread (lmstack's own quantized directories load through lmstack.quant.checkpoint)."""
     path = Path(directory) / "config.json"
     hf = read_json(path, CheckpointError, "not found; a model directory needs config.json")
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     quantization = hf.get("quantization_config")
-    if quantization is not None:
+    if quantization is not None and not _lmstack_quantized(hf):
         method = quantization.get("quant_method", "unnamed") if isinstance(quantization, dict) else quantization
         raise CheckpointError(f"{path}: quantization_config (quant_method {method!r}) is not supported yet; lmstack "
                               "reads unquantized weights only (use the unquantized checkpoint, or dequantize it "
@@ -230,6 +237,10 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
             raise ConfigError(f"load_model({str(path)!r}): unknown {_names(overrides)}; a model directory "
                               "takes dtype and device only (ModelConfig overrides apply to a preset name; edit "
                               "config.json to change a checkpoint's config)")
+        hf = read_json(path / "config.json", CheckpointError, "not found; a model directory needs config.json")
+        if _lmstack_quantized(hf):  # written by `lmstack quantize`: its own loader (lmstack.quant.checkpoint)
+            from lmstack.quant.checkpoint import load_quantized
+            return load_quantized(path, hf, device)
         config, state = read_model(path)
         with torch.device("meta"):
             model = Transformer(config)

@@ -29,8 +29,8 @@ class Attention(nn.Module):
         """x (B, T, d) -> (B, T, d).
 
         mask: boolean (B, 1, T, S), True where a query may attend, or None for plain causal attention
-        over the T tokens given. With a KV cache, keys/values are written at `cache_slots` (T,) and S is
-        the cache length.
+        over the T tokens given. With a KV cache, keys/values are written at `cache_slots`, (T,) shared by
+        the rows or (B, T) per row, and S is the cache length.
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -57,9 +57,10 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     """Attention of one query token per row (a decode step): q (B, H, 1, D), k/v (B, H_kv, S, D), mask
     (B|1, 1, 1, S) -> (B, H, 1, D).
 
-    Written out rather than through SDPA: the CPU SDPA kernel costs ~200 us per call at batch 8 for this
-    tiny product, while torch.compile fuses the plain form into a few loops. The H / H_kv query heads that
-    share a KV head are stacked as rows of one matmul, so K and V are read once per KV head.
+    Written out rather than through SDPA: for a single query the CPU SDPA kernel's fixed cost per call is
+    large next to this tiny product (README, Benchmarks), while torch.compile fuses the plain form into a
+    few loops. The H / H_kv query heads that share a KV head are stacked as rows of one matmul, so K and V
+    are read once per KV head.
     """
     B, H, _, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]

@@ -16,8 +16,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows [start, stop) of this one that shares its memory (a view, not a copy): a prefill
+        of only those rows runs on it and writes straight into this cache."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[start:stop], persistent=False)
+        view.register_buffer("v", self.v[start:stop], persistent=False)
+        return view
+
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, D) at cache slots (T,); return the whole cache (B, H_kv, S_max, D)."""
-        self.k.index_copy_(2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        """Write k, v (B, H_kv, T, D) at cache slots (T,) shared by every row, or (B, T), each row its own;
+        return the whole cache (B, H_kv, S_max, D)."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if slots.dim() == 1:
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+        else:
+            index = slots[:, None, :, None].expand_as(k)  # (B, H_kv, T, D): a view, nothing is copied
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
         return self.k, self.v

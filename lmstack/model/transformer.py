@@ -160,7 +160,10 @@ class Transformer(nn.Module):
 
         attention_mask: (B, T) without a cache, (B, S_max) over cache slots with one; 1 = real token, 0 = padding.
         position_ids: (B, T); by default counted from the attention mask, so left-padded rows start at 0.
-        cache_slots: (T,) cache slots to write this chunk's keys/values to (requires `setup_cache`).
+        cache_slots: cache slots to write this chunk's keys/values to (requires a KV cache): (T,) shared by
+            every row, or (B, T) with each row at its own slots (rows of one batch at different lengths).
+            A query at slot s attends to the keys at slots <= s, so slots past a row's own tokens are
+            hidden even when they hold stale keys.
         """
         B, T = input_ids.shape
         use_cache = cache_slots is not None
@@ -192,9 +195,11 @@ class Transformer(nn.Module):
         """(B, T) positions: slot index, or the count of real tokens before each one when a mask is given."""
         if attention_mask is None:
             slots = cache_slots if cache_slots is not None else torch.arange(T, device=device)
-            return slots[None, :].expand(B, T)
+            return slots.expand(B, T)  # (T,) or (B, T) -> (B, T)
         counted = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) or (B, S_max)
-        return counted if cache_slots is None else counted[:, cache_slots]
+        if cache_slots is None:
+            return counted
+        return counted.gather(1, cache_slots.expand(B, T))
 
     def _attention_mask(self, T: int, attention_mask: torch.Tensor | None, cache_slots: torch.Tensor | None,
                         device: torch.device) -> torch.Tensor | None:
@@ -206,17 +211,17 @@ class Transformer(nn.Module):
             query_slots = torch.arange(T, device=device)
             key_slots = query_slots
         else:
-            query_slots = cache_slots
+            query_slots = cache_slots  # (T,) shared, or (B, T) per row
             key_slots = torch.arange(self.cache_len, device=device)
-        offset = query_slots[:, None] - key_slots[None, :]  # (T, S)
+        offset = query_slots[..., :, None] - key_slots  # (T, S) or (B, T, S)
         mask = offset >= 0
         if window is not None:
             mask = mask & (offset < window)
-        mask = mask[None, None]  # (1, 1, T, S)
+        mask = mask.view(-1, 1, *mask.shape[-2:])  # (B|1, 1, T, S)
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
             # A padding query would see no key at all and SDPA would return NaN; let it see itself.
-            mask = mask | (offset == 0)[None, None]
+            mask = mask | (offset == 0).view(-1, 1, *offset.shape[-2:])
         return mask
 
     # ---------------------------------------------------------------- bookkeeping

@@ -29,8 +29,10 @@ def test_generate_prompts_file_writes_jsonl(tiny_model_dir, tiny, tmp_path):
                  "--max-new-tokens", "6", "--temperature", "0.9", "--seed", "5", "--top-k", "20", "--logprobs"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["a", "b"]
-    texts = ["import os", tokenizer.apply_chat_template(messages, add_generation_prompt=True)]
-    expected = generate(model, tokenizer, texts, max_new_tokens=6, temperature=0.9, seed=5, top_k=20)
+    # a plain prompt is encoded with the special tokens, a rendered chat without (the template writes its own)
+    prompts = [tokenizer.encode("import os", add_special_tokens=True),
+               tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))]
+    expected = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0.9, seed=5, top_k=20)
     assert [r["token_ids"] for r in records] == expected.token_ids
     assert all(len(r["logprobs"]) == len(r["token_ids"]) for r in records)
 
@@ -56,7 +58,8 @@ def test_generate_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a", "--top-k", "-2"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "top_k must be >= 0" in err
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", ""]) == 1
+    # an empty prompt starts from the tokenizer's BOS; without special tokens it holds no token at all
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "", "--no-special-tokens"]) == 1
     assert "prompt 0 is empty" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "a"]) == 1
     assert "no such model directory" in capsys.readouterr().err
@@ -70,8 +73,8 @@ def test_chat_keeps_history_and_handles_commands(tiny_model_dir, tiny, monkeypat
     eos = [tokenizer.eos_token_id, tokenizer.token_to_id("<|im_end|>")]
 
     def reply(messages):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return generate(model, tokenizer, text, max_new_tokens=8, eos_token_ids=eos).texts[0]
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))  # no BOS added
+        return generate(model, tokenizer, [ids], max_new_tokens=8, eos_token_ids=eos).texts[0]
 
     first = reply([{"role": "user", "content": "hello"}])
     # the second turn sees the system message and the whole history

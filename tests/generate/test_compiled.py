@@ -12,7 +12,7 @@ import lmstack
 from lmstack.config import ModelConfig
 from lmstack.generate import generate
 from lmstack.generate.compiled import release, weights_fingerprint
-from lmstack.generate.generate import cache_length
+from lmstack.generate.session import cache_length
 
 PROMPTS = [[5, 17, 200, 3, 9, 44, 71], [8], [120, 6, 6, 250]]
 

@@ -28,7 +28,7 @@ def test_hand_computed_block():
     w = torch.tensor([1.0, -2.0, 0.5, 0.0] + [0.0] * 60)  # absmax 2: scaled 0.5, -1, 0.25, 0
     q = quantize_nf4(w, block_size=64, double_quant=False)
     assert q.absmax.tolist() == [2.0]
-    # 0.5 -> 0.4407 (index 12; 0.5626 is 0.003 farther), -1 -> index 0, 0.25 -> 0.2461 (index 10), 0 -> index 7; high nibble first
+    # 0.5 -> 0.4407 (index 12; 0.5626 is 0.003 farther), -1 -> 0, 0.25 -> 0.2461 (index 10), 0 -> 7; high nibble first
     assert q.packed[:2].tolist() == [12 << 4 | 0, 10 << 4 | 7]
     assert q.dequantize()[:4].tolist() == pytest.approx([2 * 0.44070982933044434, -2.0, 2 * 0.24611230194568634, 0.0])
 

@@ -1,0 +1,302 @@
+"""Log-likelihood scoring: the one place evaluation runs the model forward.
+
+An item is a context and one or more continuations (a question and its answer choices, a text window).
+For each continuation the scorer returns log p(continuation | context), summed over its tokens, and
+whether every continuation token is the model's argmax (lm-evaluation-harness's `is_greedy`).
+
+Multiple continuations share their context, which runs once per item:
+
+    stage 1  contexts, left-padded (B, P) -> KV cache slots [0, P); the last position's log-probs (B, V)
+             score every choice's first token
+    stage 2  each choice minus its last token, right-padded (R, C-1), R = all choices of the B items,
+             at slots [P, P+C-1) over a copy of its item's context cache -> log-probs of tokens 2..n;
+             rows run longest first in groups of similar length, so choices of uneven length pad little
+
+A single continuation (rolling perplexity windows) takes one plain forward of (context + continuation)[:-1]
+instead. Either way the head runs only on the positions that score a token, in chunks, so (B, T, V)
+logits never exist. Padding is masked and positions count real tokens only, so an item scores the same
+alone as in any batch (up to float rounding: batch sizes 1, 4 and 16 agree to ~1e-6, a test).
+
+Items are batched longest context first (less padding); results come back in the input order.
+Shapes: B items, R continuation rows, P context slots, C continuation tokens, S cache slots, d width, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmstack.device import autocast, resolve_precision
+from lmstack.errors import DataError
+from lmstack.model.protocol import CausalLM, model_device
+
+_HEAD_CHUNK_ELEMENTS = 2**22  # logits per head chunk (16 MiB in fp32)
+
+
+@dataclass
+class Item:
+    """A context (at least one token: a BOS / prefix token when the text is empty) and its continuations."""
+
+    context: list[int]
+    continuations: list[list[int]]
+
+
+@dataclass
+class Score:
+    """One continuation's result."""
+
+    logprob: float  # sum over its tokens of log p(token | everything before it)
+    greedy: bool  # every token is the argmax of its distribution
+    tokens: int  # tokens scored
+
+
+@dataclass
+class ScoreStats:
+    items: int = 0
+    forwards: int = 0  # model calls
+    tokens_run: int = 0  # positions the model processed (padding included)
+    truncated: int = 0  # items whose context was cut from the left to fit the model's context
+
+
+class Scorer:
+    """Batched, shared-context log-likelihood scoring for a CausalLM.
+
+    max_length: the longest window the model may see (default: its max_seq_len). A context that does not
+    fit beside its longest continuation keeps its last tokens (counted in `stats.truncated`), or raises
+    DataError with `strict`.
+    """
+
+    def __init__(self, model: CausalLM, batch_size: int = 8, max_length: int | None = None, strict: bool = False):
+        self.model = model
+        self.batch_size = max(1, int(batch_size))
+        self.max_length = int(max_length or model.config.max_seq_len)
+        self.strict = strict
+        self.device = model_device(model)
+        self.precision = resolve_precision("auto", self.device)
+        self.stats = ScoreStats()
+
+    # ------------------------------------------------------------------ public
+    def score(self, items: Sequence[Item], progress: Callable[[int], None] | None = None) -> list[list[Score]]:
+        """Per item, per continuation: its Score. `progress(n)` is called after each batch with its item count."""
+        items = [self._fit(i, item) for i, item in enumerate(items)]
+        order = sorted(range(len(items)), key=lambda i: (-len(items[i].context), -_longest(items[i])))
+        results: list[list[Score]] = [[] for _ in items]
+        for start in range(0, len(order), self.batch_size):
+            batch = [items[i] for i in order[start:start + self.batch_size]]
+            shared = [item for item in batch if len(item.continuations) > 1]
+            single = [item for item in batch if len(item.continuations) == 1]
+            with torch.no_grad(), autocast(self.device, self.precision):
+                scored: dict[int, list[Score]] = {}
+                if shared:
+                    scored.update(zip(map(id, shared), self._score_shared(shared)))
+                if single:
+                    scored.update(zip(map(id, single), self._score_single(single)))
+            for i, item in zip(order[start:start + self.batch_size], batch):
+                results[i] = scored[id(item)]
+            self.stats.items += len(batch)
+            if progress is not None:
+                progress(len(batch))
+        return results
+
+    # ------------------------------------------------------------------ checks
+    def _fit(self, index: int, item: Item) -> Item:
+        if not item.context:
+            raise DataError(f"item {index}: empty context; start it with a BOS / prefix token")
+        if not item.continuations or any(not c for c in item.continuations):
+            raise DataError(f"item {index}: every continuation needs at least one token")
+        vocab = self.model.config.vocab_size
+        for ids in [item.context, *item.continuations]:
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise DataError(f"item {index}: token id {bad} is outside the model's vocabulary ({vocab})")
+        longest = _longest(item)
+        if longest > self.max_length:
+            raise DataError(f"item {index}: a continuation of {longest} tokens does not fit the model's context "
+                            f"of {self.max_length} tokens")
+        room = self.max_length + 1 - longest  # the last continuation token is never an input
+        if len(item.context) > room:
+            if self.strict:
+                raise DataError(f"item {index}: context of {len(item.context)} tokens + continuation of {longest} "
+                                f"exceed the model's context ({self.max_length}); without --strict the context "
+                                "keeps its last tokens")
+            self.stats.truncated += 1
+            return Item(item.context[-room:], item.continuations)
+        return item
+
+    # ------------------------------------------------------------------ one continuation: one plain forward
+    def _score_single(self, items: list[Item]) -> list[list[Score]]:
+        """(context + continuation)[:-1], right-padded (B, T); the last len(continuation) positions score it."""
+        inputs = [(item.context + item.continuations[0])[:-1] for item in items]
+        T = max(len(x) for x in inputs)
+        ids = torch.zeros(len(items), T, dtype=torch.long)
+        mask = torch.zeros(len(items), T, dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for b, (x, item) in enumerate(zip(inputs, items)):
+            ids[b, :len(x)] = torch.tensor(x)
+            mask[b, :len(x)] = 1
+            n = len(item.continuations[0])
+            rows += [b] * n
+            cols += range(len(x) - n, len(x))
+            targets += item.continuations[0]
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # Right padding: real tokens never attend to the pads after them, so a full row needs no mask
+        # (SDPA's causal fast path); a padded row's mask keeps the positions counted from real tokens.
+        hidden = self.model.hidden_states(ids, attention_mask=None if bool(mask.all()) else mask)  # (B, T, d)
+        self._count(ids.numel())
+        logprob, greedy = self._token_scores(hidden[rows, cols], targets)  # (N,) each
+        scores, at = [], 0
+        for item in items:
+            n = len(item.continuations[0])
+            scores.append([Score(float(logprob[at:at + n].sum()), bool(greedy[at:at + n].all()), n)])
+            at += n
+        return scores
+
+    # ------------------------------------------------------------------ several continuations: shared context
+    def _score_shared(self, items: list[Item]) -> list[list[Score]]:
+        B, device = len(items), self.device
+        P = max(len(item.context) for item in items)
+        C = max(_longest(item) for item in items)
+        S = P + C - 1
+        if S > self.max_length and B > 1:  # one item's long context beside another's long choice: split
+            return self._score_shared(items[:B // 2]) + self._score_shared(items[B // 2:])
+        item_of_row = [b for b, item in enumerate(items) for _ in item.continuations]
+        conts = [c for item in items for c in item.continuations]
+        R = len(conts)
+
+        # stage 1: contexts, left-padded, into a B-row cache of P slots
+        ctx_ids = torch.zeros(B, P, dtype=torch.long)
+        ctx_mask = torch.ones(B, P, dtype=torch.long)
+        for b, item in enumerate(items):
+            ctx_ids[b, P - len(item.context):] = torch.tensor(item.context)
+            ctx_mask[b, :P - len(item.context)] = 0
+        ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
+        previous = self.model.kv_caches()
+        try:
+            context_cache = self.model.make_cache(B, P)
+            self.model.use_caches(context_cache)
+            hidden = self.model.hidden_states(ctx_ids, attention_mask=ctx_mask,
+                                              cache_slots=torch.arange(P, device=device))  # (B, P, d)
+            self._count(ctx_ids.numel())
+            first_targets = [c[0] for c in conts]
+            first_lp, first_greedy = self._token_scores(hidden[item_of_row, -1], first_targets)  # (R,)
+
+            # stage 2: every continuation but its last token, over copies of its item's context cache. Rows
+            # run longest first in groups of similar length, so padding stays small when choices differ.
+            rest_lp = torch.zeros(R, device=device)
+            rest_misses = torch.zeros(R, device=device)  # continuation tokens that are not the argmax
+            longer = sorted((r for r in range(R) if len(conts[r]) > 1), key=lambda r: -len(conts[r]))
+            group = max(4, self.batch_size)
+            for start in range(0, len(longer), group):
+                rows = longer[start:start + group]
+                lp, misses = self._score_rest(context_cache, ctx_mask, [item_of_row[r] for r in rows],
+                                              [conts[r] for r in rows])
+                index = torch.tensor(rows, device=device)
+                rest_lp.index_copy_(0, index, lp)
+                rest_misses.index_copy_(0, index, misses)
+        finally:
+            self.model.use_caches(previous)
+
+        total = (first_lp + rest_lp).tolist()
+        greedy = (first_greedy & (rest_misses == 0)).tolist()
+        scores, r = [], 0
+        for item in items:
+            scores.append([Score(total[r + j], greedy[r + j], len(c)) for j, c in enumerate(item.continuations)])
+            r += len(item.continuations)
+        return scores
+
+    def _score_rest(self, context_cache: list, ctx_mask: torch.Tensor, items: list[int],
+                    conts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens 2..n of N continuations (N,) whose contexts sit in rows `items` of `context_cache` (P slots):
+        (summed log-probs (N,), count of non-argmax tokens (N,))."""
+        device, P = self.device, ctx_mask.shape[1]
+        N, T = len(conts), max(len(c) for c in conts) - 1
+        rows = torch.tensor(items, device=device)
+        cache = self.model.make_cache(N, P + T)
+        for src, dst in zip(context_cache, cache):
+            dst.k[:, :, :P].copy_(src.k.index_select(0, rows))
+            dst.v[:, :, :P].copy_(src.v.index_select(0, rows))
+        self.model.use_caches(cache)
+        mask = torch.ones(N, P + T, dtype=torch.long, device=device)  # after the context: causality guards
+        mask[:, :P] = ctx_mask.index_select(0, rows)
+        ids = torch.zeros(N, T, dtype=torch.long)
+        r_idx, c_idx, targets = [], [], []
+        for r, cont in enumerate(conts):
+            ids[r, :len(cont) - 1] = torch.tensor(cont[:-1])
+            r_idx += [r] * (len(cont) - 1)
+            c_idx += range(len(cont) - 1)
+            targets += cont[1:]
+        hidden = self.model.hidden_states(ids.to(device), attention_mask=mask,
+                                          cache_slots=torch.arange(P, P + T, device=device))  # (N, T, d)
+        self._count(ids.numel())
+        lp, greedy = self._token_scores(hidden[r_idx, c_idx], targets)  # (tokens,)
+        owner = torch.tensor(r_idx, device=device)
+        total = torch.zeros(N, device=device).index_add_(0, owner, lp)
+        misses = torch.zeros(N, device=device).index_add_(0, owner, (~greedy).float())
+        return total, misses
+
+    # ------------------------------------------------------------------ the head, only where a token is scored
+    def _token_scores(self, hidden: torch.Tensor, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (N, d) and N target ids -> (log p(target) (N,) fp32, target is the argmax (N,) bool)."""
+        target = torch.tensor(targets, dtype=torch.long, device=hidden.device)
+        chunk = max(1, _HEAD_CHUNK_ELEMENTS // self.model.config.vocab_size)
+        logprobs, greedy = [], []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = self.model.head(hidden[start:start + chunk]).float()  # (n, V)
+            t = target[start:start + chunk]
+            logprobs.append(logits.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1))
+            greedy.append(logits.argmax(-1) == t)
+        return torch.cat(logprobs), torch.cat(greedy)
+
+    def _count(self, positions: int) -> None:
+        self.stats.forwards += 1
+        self.stats.tokens_run += positions
+
+
+def _longest(item: Item) -> int:
+    return max(len(c) for c in item.continuations)
+
+
+def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> list[Item]:
+    """lm-evaluation-harness's rolling loglikelihood windows (get_rolling_token_windows with context_len=1,
+    then make_disjoint_window): every token is predicted exactly once; the first window is conditioned on
+    `prefix_token` (BOS, or EOS when there is none), each later one on the token before it, and the last
+    window is filled up to `max_length` with the tokens before it as context."""
+    if not tokens:
+        return []
+    windows = []
+    first = min(max_length, len(tokens))
+    windows.append(Item([prefix_token], [tokens[:first]]))
+    predicted = first
+    while predicted < len(tokens):
+        n = min(len(tokens) - predicted, max_length)
+        end = predicted + n
+        window = tokens[max(end - max_length - 1, 0):end - 1]  # (max_length,) inputs
+        context = window[:len(window) - (n - 1)]
+        windows.append(Item(context, [tokens[end - n:end]]))
+        predicted = end
+    return windows
+
+
+def strided_windows(tokens: list[int], prefix_token: int, max_length: int, stride: int) -> list[Item]:
+    """Sliding windows of `max_length` inputs advancing by `stride` tokens; each scores only the tokens no
+    earlier window scored, with the rest of its window as context (the 'strided' perplexity of the
+    transformers guide). The first window is conditioned on `prefix_token`. stride == max_length is the
+    plain non-overlapping case."""
+    if not 1 <= stride <= max_length:
+        raise DataError(f"stride must be between 1 and the context length ({max_length}), got {stride}")
+    sequence = [prefix_token] + tokens  # sequence[i + 1] is tokens[i]; sequence[0] only conditions
+    windows, scored = [], 0  # tokens[:scored] are done
+    for end in range(min(max_length, len(tokens)), len(tokens) + stride, stride):
+        end = min(end, len(tokens))
+        if end <= scored:
+            break
+        begin = max(end - max_length, 0)  # inputs are sequence[begin:end]; targets tokens[begin:end]
+        context = sequence[begin:scored + 1]
+        windows.append(Item(context, [tokens[scored:end]]))
+        scored = end
+    return windows
+
+
+__all__ = ["Item", "Score", "ScoreStats", "Scorer", "rolling_windows", "strided_windows"]
