@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from lmstack.device import resolve_device
 from lmstack.eval.report import compare, markdown, read_run
 from lmstack.eval.run import TASKS, EvalConfig, run_eval
 
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--strict", action="store_true",
                         help="a prompt longer than the context is an error (default: keep its last tokens and count)")
     parser.add_argument("--seed", type=int, default=1234, help="few-shot selection and sampling seed")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, or auto (a GPU when torch sees one) (default: cpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-length", type=int, help="scoring window in tokens (default: the model's context)")
     parser.add_argument("--stride", type=int, help="perplexity: overlapping windows advancing by this many tokens")
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     config = EvalConfig(model=args.model, task=args.task, data=args.data, adapter=args.adapter, shots=args.shots,
                         limit=args.limit, batch_size=args.batch_size, out=args.out, strict=args.strict,
-                        seed=args.seed, device=args.device, max_length=args.max_length, stride=args.stride,
+                        seed=args.seed, device=_device(args.device), max_length=args.max_length, stride=args.stride,
                         max_new_tokens=args.max_new_tokens, text_field=args.text_field, samples=args.samples,
                         n=args.n, temperature=args.temperature, k=args.k, timeout=args.timeout,
                         memory_mb=args.memory_mb, self_test=not args.no_self_test, model_b=args.model_b,
@@ -96,3 +97,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _device(choice: str | None) -> str | None:
+    """An unknown device or CUDA on a CPU-only torch is one DeviceError here, before any model is read."""
+    return str(resolve_device(choice)) if choice is not None else None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmstack.atomic import atomic_file
-from lmstack.cli.args import add_out, positive_int, text_arg
+from lmstack.cli.args import add_out, integer, number, positive_int, text_arg
 from lmstack.device import resolve_device
 from lmstack.errors import CheckpointError, ConfigError, DataError, InputFileError
 from lmstack.generate.api import generate
@@ -33,7 +33,7 @@ from lmstack.schema import decode_utf8, from_dict, load_yaml
 # ------------------------------------------------------------------------------------------- shared flags
 
 
-DEVICE_HELP = "auto (a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N (default: auto)"
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (a GPU when torch sees one) (default: cpu)"
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
@@ -60,7 +60,8 @@ def add_generation_flags(parser: argparse.ArgumentParser, defaults: dict[str, An
             group.add_argument(flag, type=int, nargs="+", default=None, metavar="ID", help="default: the model's")
         else:
             base = next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_args(tp) else tp
-            group.add_argument(flag, type=base, default=None, metavar=base.__name__.upper(), help=help_text)
+            parse = {int: integer, float: number}.get(base, base)  # the wording every verb uses for a bad number
+            group.add_argument(flag, type=parse, default=None, metavar=base.__name__.upper(), help=help_text)
     group.add_argument("--config", type=Path, help="YAML file of GenerationConfig fields (flags override it)")
 
 
@@ -83,7 +84,8 @@ def load_model_and_tokenizer(directory: Path, device: str | None) -> tuple[Any, 
     from lmstack.interop.hf import load_model
     from lmstack.tokenizer import Tokenizer
 
-    device = resolve_device(device)  # an unknown device or CUDA on a CPU-only torch: one DeviceError
+    # an unknown device or CUDA on a CPU-only torch: one DeviceError before anything is read
+    device = resolve_device(device if device is not None else "cpu")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such model directory")
     tokenizer = Tokenizer.load(directory)

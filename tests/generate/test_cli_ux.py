@@ -270,3 +270,18 @@ def test_a_truncated_weights_file_is_one_line(verb, tiny_model_dir, tmp_path, mo
     assert main([verb, "--model", str(broken)] + (["--prompt", "a"] if verb == "generate" else [])) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{weights}: not a readable safetensors file, truncated or corrupt" in err
+
+
+def test_bad_numbers_and_devices_read_as_every_verb_words_them(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "a", "--top-k", "x"])
+    assert "argument --top-k: expected an integer, got 'x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["chat", "--model", str(tiny_model_dir), "--top-p", "x"])
+    assert "argument --top-p: expected a number, got 'x'" in capsys.readouterr().err
+    text = tmp_path / "a.txt"
+    text.write_text("some text\n")
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "perplexity", "--data", str(text),
+                 "--device", "tpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown device 'tpu'" in err
