@@ -23,6 +23,8 @@ VERBS: dict[str, str] = {
     "tokenizer": "lmstack.cli.tokenizer:main",
     "data": "lmstack.cli.data:main",
     "pretrain": "lmstack.cli.pretrain:main",
+    "finetune": "lmstack.cli.finetune:main",
+    "merge": "lmstack.cli.merge:main",
     "generate": "lmstack.cli.generate:main",
     "chat": "lmstack.cli.chat:main",
     "eval": "lmstack.cli.eval:main",

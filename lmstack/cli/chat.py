@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
     """Chat with a model in the terminal (chat template, streaming, history; /reset, /system TEXT, /quit)."""
     parser = argparse.ArgumentParser(prog="lmstack chat", description=main.__doc__ + "\n" + CHAT_HELP)
     parser.add_argument("--model", type=Path, required=True, help="model directory (tokenizer with a chat template)")
+    parser.add_argument("--adapter", type=Path, help="a LoRA/DoRA adapter directory (peft format) for --model")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     add_generation_flags(parser, CHAT_DEFAULTS)
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--num-beams: chat streams its replies, and beam search cannot stream; use "
                           "`lmstack generate --chat --num-beams N`")
     system = text_arg(args.system, "--system") if args.system is not None else None
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.adapter)
     if tokenizer.chat_template is None:
         raise ConfigError(f"{args.model}: the tokenizer has no chat_template; `lmstack chat` needs one")
     if config.eos_token_ids is None:

@@ -80,7 +80,10 @@ def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] | None =
         raise ConfigError(f"{args.config}: {e}" if args.config is not None else str(e)) from None
 
 
-def load_model_and_tokenizer(directory: Path, device: str | None) -> tuple[Any, Any]:
+def load_model_and_tokenizer(directory: Path, device: str | None, adapter: Path | None = None) -> tuple[Any, Any]:
+    """The model (with `adapter` folded in: exact in fp32, and decoding runs at the base model's speed) and the
+    tokenizer (the adapter's when it carries one: it may hold chat markers the base lacks)."""
+    from lmstack.adapters import unload
     from lmstack.interop.hf import load_model
     from lmstack.tokenizer import Tokenizer
 
@@ -88,8 +91,14 @@ def load_model_and_tokenizer(directory: Path, device: str | None) -> tuple[Any, 
     device = resolve_device(device if device is not None else "cpu")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such model directory")
-    tokenizer = Tokenizer.load(directory)
-    return load_model(directory, device=device).eval(), tokenizer
+    if adapter is not None and not adapter.is_dir():
+        raise CheckpointError(f"{adapter}: no such adapter directory")
+    has_tokenizer = adapter is not None and (adapter / "tokenizer.json").is_file()
+    tokenizer = Tokenizer.load(adapter if has_tokenizer else directory)
+    model = load_model(directory, adapter=adapter)
+    if adapter is not None:
+        model = unload(model)
+    return (model.to(device) if device is not None else model).eval(), tokenizer
 
 
 # ------------------------------------------------------------------------------------------- generate
@@ -151,6 +160,7 @@ def main(argv: list[str]) -> int:
     """Generate text from a model directory: --prompt "..." (repeatable) or --prompts-file in.jsonl -> JSONL."""
     parser = argparse.ArgumentParser(prog="lmstack generate", description=main.__doc__)
     parser.add_argument("--model", type=Path, required=True, help="model directory (with tokenizer.json)")
+    parser.add_argument("--adapter", type=Path, help="a LoRA/DoRA adapter directory (peft format) for --model")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeatable: one batch)")
     source.add_argument("--prompts-file", type=Path, help='JSONL: {"prompt": "..."} or {"messages": [...]}, '
@@ -172,7 +182,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--system is the system message of a chat prompt: add --chat (each --prompt becomes a "
                           "user turn), or use `lmstack chat`")
     system = text_arg(args.system, "--system") if args.system is not None else None
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.adapter)
     draft = load_model_and_tokenizer(args.draft_model, args.device)[0] if args.draft_model else None
     if args.prompts_file is not None:
         records = [(f"{args.prompts_file}:{n}", r) for n, r in _read_prompts_file(args.prompts_file)]

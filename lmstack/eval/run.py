@@ -8,7 +8,6 @@ task file (lmstack.eval.taskfile).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,12 +75,7 @@ def load(directory: str, adapter: str | None, device: str | None):
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such model directory")
-    if adapter is not None:
-        if "adapter" not in inspect.signature(load_model).parameters:
-            raise ConfigError(f"--adapter {adapter}: this lmstack's load_model takes no adapter yet")
-        model = load_model(path, device=device, adapter=adapter)
-    else:
-        model = load_model(path, device=device)
+    model = load_model(path, device=device, adapter=adapter)
     return model.eval(), Tokenizer.load(path)
 
 

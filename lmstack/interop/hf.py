@@ -238,17 +238,20 @@ def read_model(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 
 def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None, **overrides: Any) -> Transformer:
+               device: torch.device | str | None = None, adapter: str | Path | None = None,
+               **overrides: Any) -> Transformer:
     """A Hugging Face / lmstack model directory, or a preset name (random init, ModelConfig `overrides` applied).
 
-    Every keyword is checked: a directory takes dtype and device only, a preset also ModelConfig fields; a
-    misspelt or unsupported option (`adapter=`) is a ConfigError naming it, never silently ignored.
+    adapter: a peft-format adapter directory (LoRA, rsLoRA, DoRA; written by lmstack or by peft) applied on
+    top, unmerged (lmstack.adapters.merge_adapters folds it in; unload() makes a plain model again).
+    Every keyword is checked: a directory takes dtype, device and adapter only, a preset also ModelConfig
+    fields; a misspelt or unsupported option is a ConfigError naming it, never silently ignored.
     """
     path = Path(path_or_preset)
     if path.is_dir():
         if overrides:
             raise ConfigError(f"load_model({str(path)!r}): unknown {_names(overrides)}; a model directory "
-                              "takes dtype and device only (ModelConfig overrides apply to a preset name; edit "
+                              "takes dtype, device and adapter only (ModelConfig overrides apply to a preset name; edit "
                               "config.json to change a checkpoint's config)")
         hf = read_json(path / "config.json", CheckpointError, "not found; a model directory needs config.json")
         if _lmstack_quantized(hf):  # written by `lmstack quantize`: its own loader (lmstack.quant.checkpoint)
@@ -276,6 +279,9 @@ def load_model(path_or_preset: str | Path, dtype: torch.dtype | None = None,
     else:
         raise CheckpointError(f"{path_or_preset}: neither a model directory nor a preset name "
                               f"(presets: {', '.join(sorted(PRESETS))})")
+    if adapter is not None:
+        from lmstack.adapters.peft_format import load_adapter
+        model = load_adapter(model, adapter)
     return model.to(device) if device is not None else model
 
 

@@ -159,6 +159,8 @@ class Transformer(nn.Module):
         """input_ids (B, T) -> final-norm hidden states (B, T, d).
 
         attention_mask: (B, T) without a cache, (B, S_max) over cache slots with one; 1 = real token, 0 = padding.
+          Values above 1 are segment ids: several samples packed in one row (1, 2, ...) attend only within their
+          own segment; pass their restarting position_ids too.
         position_ids: (B, T); by default counted from the attention mask, so left-padded rows start at 0.
         cache_slots: cache slots to write this chunk's keys/values to (requires a KV cache): (T,) shared by
             every row, or (B, T) with each row at its own slots (rows of one batch at different lengths).
@@ -219,7 +221,12 @@ class Transformer(nn.Module):
             mask = mask & (offset < window)
         mask = mask.view(-1, 1, *mask.shape[-2:])  # (B|1, 1, T, S)
         if attention_mask is not None:
-            mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+            # 0 = padding; any other value is a segment id (all ones: one segment per row). A token attends
+            # only to keys of its own segment, so packed samples (ids 1, 2, ...) never see each other.
+            keys = attention_mask[:, None, :]  # (B, 1, S)
+            queries = (attention_mask if cache_slots is None else attention_mask[:, cache_slots])[:, :, None]  # (B, T, 1)
+            same = (keys != 0) & ((keys == queries) | (queries == 0))  # (B, T, S); a padding query sees all real keys
+            mask = mask & same[:, None]  # (B, 1, T, S)
             # A padding query would see no key at all and SDPA would return NaN; let it see itself.
             mask = mask | (offset == 0).view(-1, 1, *offset.shape[-2:])
         return mask

@@ -102,10 +102,13 @@ class Engine:
                  resume_from: str | Path | None = None,
                  trainable: Callable[[str, nn.Parameter], bool] | None = None,
                  param_groups: ParamGroups = parameter_groups, store: ckpt.ModelStore | None = None,
-                 run_config: dict[str, Any] | None = None, flops_per_token: float | None = None):
+                 run_config: dict[str, Any] | None = None, flops_per_token: float | None = None,
+                 make_optimizer: Callable[[nn.Module, OptimConfig, ParamGroups], torch.optim.Optimizer] = build_optimizer):
         """`trainable(name, param)` chooses the parameters that train (None: keep their requires_grad);
         `param_groups(model, optim_cfg)` builds the optimizer's groups from the trainable parameters;
-        `store` decides what a checkpoint holds (default: the whole model, ckpt.WholeModel())."""
+        `store` decides what a checkpoint holds (default: the whole model, ckpt.WholeModel());
+        `make_optimizer(model, optim_cfg, param_groups)` builds the optimizer (default torch's AdamW; e.g. an
+        8-bit AdamW whose state is smaller)."""
         self.cfg, self.optim_cfg, self.schedule_cfg = cfg, optim_cfg, schedule_cfg
         self.objective, self.batches, self.val_batches = objective, batches, val_batches
         self.dist = dist or DistContext()
@@ -133,7 +136,7 @@ class Engine:
         if cfg.compile:
             model.compile()  # in place: parameter names (and so checkpoints) are unchanged
         self.model = wrap_model(model, cfg.distributed, self.dist, self.device)
-        self.optimizer = build_optimizer(model, optim_cfg, param_groups)
+        self.optimizer = make_optimizer(model, optim_cfg, param_groups)
         if checkpoint is not None:
             load_full_optimizer_state(model, self.optimizer, checkpoint.optimizer_state)
         if flops_per_token is None and hasattr(model, "config"):

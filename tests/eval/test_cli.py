@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bz2
-import inspect
 import json
 
 import pytest
@@ -58,17 +57,43 @@ def test_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_adapter_flag_reaches_load_model(tiny_model_dir, shared_data, tmp_path, capsys):
-    from lmstack.interop.hf import load_model
+def test_an_adapter_evaluates_as_its_merged_model(tiny_model_dir, shared_data, tmp_path, capsys):
+    """--adapter DIR scores the base with a (non-zero) LoRA applied: the same perplexity as `lmstack merge`'s
+    output, and not the base's; an empty directory is no adapter: one line."""
+    import torch
 
-    args = ["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path), "--task", "perplexity",
-            "--data", str(shared_data / "tinyshakespeare" / "input.txt"), "--max-length", "64", "--limit", "1"]
-    if "adapter" not in inspect.signature(load_model).parameters:
-        assert main(args) == 1
-        assert "takes no adapter yet" in capsys.readouterr().err
-    else:  # an empty directory is no adapter: load_model's own error, one line
-        assert main(args) == 1
-        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    import lmstack
+    from lmstack.adapters import LoraConfig, apply_lora, save_adapter
+
+    model = lmstack.load_model(tiny_model_dir)
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
+    save_adapter(model, tmp_path / "adapter")
+    text = tmp_path / "text.txt"  # one short document: the whole file would be ~5,000 windows of 64
+    text.write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:3000])
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+
+    def perplexity(directory, *adapter):
+        out = tmp_path / f"run-{directory.name}-{len(adapter)}"
+        assert main(["eval", "--model", str(directory), *adapter, "--task", "perplexity", "--data",
+                     str(text), "--max-length", "64",
+                     "--out", str(out)]) == 0
+        metrics = json.loads((out / "results.json").read_text())["metrics"]
+        return next(m["value"] for m in metrics if m["metric"] == "token_perplexity")
+
+    adapted = perplexity(tiny_model_dir, "--adapter", str(tmp_path / "adapter"))
+    assert adapted == pytest.approx(perplexity(tmp_path / "merged"), rel=1e-4)
+    assert abs(adapted - perplexity(tiny_model_dir)) > 1e-3 * adapted
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "empty"), "--task",
+                 "perplexity", "--data", str(text)]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("strict", [False, True])

@@ -29,13 +29,13 @@ def _edit_config(directory, **changes):
 
 
 # ------------------------------------------------------------------------------------------- keywords
-@pytest.mark.parametrize("kwargs, named", [(dict(adapter="lora-dir"), "argument 'adapter'"),
+@pytest.mark.parametrize("kwargs, named", [(dict(adaptor="lora-dir"), "argument 'adaptor'"),
                                            (dict(dtpye=torch.bfloat16), "argument 'dtpye'"),
                                            (dict(max_seq_len=512, trust_remote_code=True),
                                             "arguments 'max_seq_len', 'trust_remote_code'")])
 def test_a_directory_refuses_every_unknown_keyword(tiny_dir, kwargs, named):
     with pytest.raises(ConfigError, match=rf"load_model\('.*tiny'\): unknown {named}; a model directory takes "
-                                          r"dtype and device only"):
+                                          r"dtype, device and adapter only"):
         lmstack.load_model(tiny_dir, **kwargs)
     assert lmstack.load_model(tiny_dir, dtype=torch.bfloat16, device="cpu").lm_head.weight.dtype == torch.bfloat16
 
@@ -44,8 +44,8 @@ def test_a_preset_takes_model_config_fields_only():
     with pytest.raises(ConfigError, match=r"load_model\('llama-tiny'\): unknown argument 'hiden_size'; a preset "
                                           r"takes dtype, device and ModelConfig fields \(.*hidden_size"):
         lmstack.load_model("llama-tiny", hiden_size=32)
-    with pytest.raises(ConfigError, match="unknown argument 'adapter'"):
-        lmstack.load_model("llama-tiny", adapter="lora-dir")
+    with pytest.raises(ConfigError, match="unknown argument 'adaptor'"):
+        lmstack.load_model("llama-tiny", adaptor="lora-dir")
     model = lmstack.load_model("llama-tiny", num_layers=1, dtype=torch.bfloat16)
     assert model.config.num_layers == 1 and model.lm_head.weight.dtype == torch.bfloat16
 

@@ -3,4 +3,5 @@ source and the recipe's choices (what trains, the parameter groups, what a check
 them to the one engine (lmstack.train.engine).
 
     pretrain.py   PretrainConfig -> causal-LM pretraining on token shards (`lmstack pretrain`, quickstart)
+    finetune.py   FinetuneConfig -> instruction fine-tuning: full, LoRA, DoRA, QLoRA (`lmstack finetune`)
 """

@@ -1,0 +1,138 @@
+"""Instruction-tuning quality: a small pretrained model learns a verifiable task with full, LoRA, DoRA and QLoRA.
+
+1. A base model: a character-level Llama-style model (4 layers, width 128) pretrained with `lmstack pretrain`
+   on tinyshakespeare + Jane Austen's Emma (../shared/data), or --base DIR.
+2. For each method, `lmstack finetune` on `builtin:instruct-tasks` (two-digit addition, sorting digits,
+   reversing and capitalising short words, phrased as instructions; ChatML markers added to the base's
+   vocabulary as trainable rows), each method in its own process (peak memory = that process's).
+3. Exact match of greedy answers on held-out problems (none of whose prompts is in the training set).
+
+Prints one JSON line per method: accuracy (and per task kind), minutes, peak memory, final training loss.
+
+    python benchmarks/finetune_quality.py                         # pretrain once (cached), then 4 methods
+    python benchmarks/finetune_quality.py --methods lora --sft-steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+LR = {"full": 2e-3, "lora": 5e-3, "dora": 5e-3, "qlora": 5e-3}
+
+
+def pretrain(work: Path, steps: int) -> Path:
+    """The base model (cached in WORK/base)."""
+    base = work / "base"
+    if (base / "config.json").exists():
+        return base
+    from lmstack.schema import load_config
+    from lmstack.train.config import PretrainConfig
+    from lmstack.train.recipes.pretrain import run
+
+    data = work / "pretrain-data"
+    if not (data / "train" / "index.json").exists():
+        sources = [DATA / "tinyshakespeare" / "input.txt", DATA / "gutenberg_nltk" / "austen-emma.txt"]
+        subprocess.run([sys.executable, "-m", "lmstack", "data", "prepare", "--input", *map(str, sources),
+                        "--train-tokenizer", "char", "--no-clean", "--no-dedup", "--split", "tail",
+                        "--val-fraction", "0.02", "--output", str(data)], check=True)
+    cfg = load_config(PretrainConfig, None, [
+        f"--out_dir={work / 'pretrain'}", f"--data.path={data}", "--model.hidden_size=128", "--model.num_layers=4",
+        "--model.num_heads=4", "--model.num_kv_heads=4", "--model.intermediate_size=344",
+        "--model.tie_word_embeddings=true", "--model.max_seq_len=256", "--optim.lr=2e-3", "--optim.betas=[0.9, 0.99]",
+        "--schedule.warmup_steps=50", "--schedule.min_lr=2e-4", f"--train.steps={steps}", "--train.batch_size=8",
+        "--train.seq_len=256", "--train.eval_every=0", "--train.eval_windows=64", "--train.threads=1",
+        "--train.progress=false"])
+    result = run(cfg)
+    result.checkpoint.rename(base)
+    return base
+
+
+def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int, n_eval: int, seq_len: int,
+                    batch_size: int) -> None:
+    """Run one method and evaluate it; prints one JSON line (this process's peak memory included)."""
+    import torch
+
+    from lmstack.adapters import unload
+    from lmstack.data.instruct_tasks import exact_match, generate_tasks
+    from lmstack.generate.generate import generate
+    from lmstack.schema import load_config
+    from lmstack.train.recipes.finetune import FinetuneConfig, build_engine
+
+    torch.set_num_threads(1)
+    out = Path(work) / method
+    cfg = load_config(FinetuneConfig, None, [
+        f"--model={base}", f"--method={method}", f"--out_dir={out}", "--data.train=builtin:instruct-tasks",
+        f"--data.max_samples={n_train}", "--data.chat_template=chatml", f"--optim.lr={LR[method]}",
+        "--optim.weight_decay=0.0", "--schedule.warmup_steps=30", f"--train.steps={steps}",
+        f"--train.batch_size={batch_size}", f"--train.seq_len={seq_len}", "--train.eval_every=0", "--train.progress=false", "--train.threads=1",
+        "--lora.r=16", "--lora.lora_alpha=32", "--lora.target_modules=all-linear"])
+    started = time.perf_counter()
+    engine = build_engine(cfg)
+    result = engine.fit()
+    minutes = (time.perf_counter() - started) / 60
+    tokenizer_dir = out / "tokenizer"
+    from lmstack.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    model = engine.base_model.eval()
+    if method != "full":
+        model = unload(model)  # the trained adapter folded into (a dequantized copy of) the base it trained on
+    train_prompts = {r["prompt"] for r in generate_tasks(n_train, 0)}
+    problems = generate_tasks(n_eval, 12345, exclude=train_prompts)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)
+               for p in problems]
+    end = [tokenizer.token_to_id("<|im_end|>")]
+    correct, by_kind = 0, {}
+    for i in range(0, len(prompts), 32):
+        outputs = generate(model, tokenizer, prompts[i:i + 32], max_new_tokens=16, eos_token_ids=end)
+        for problem, text in zip(problems[i:i + 32], outputs.texts):
+            kind = problem["prompt"].split()[0]
+            ok = exact_match(text, problem["completion"])
+            correct += ok
+            hits, total = by_kind.get(kind, (0, 0))
+            by_kind[kind] = (hits + ok, total + 1)
+    peak = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmHWM")))
+    report = json.loads((out / "data_report.json").read_text())
+    print(json.dumps({"benchmark": "finetune_quality", "method": method, "accuracy": round(correct / len(problems), 4),
+                      "accuracy_by_kind": {k: round(h / t, 3) for k, (h, t) in by_kind.items()},
+                      "heldout_problems": len(problems), "minutes": round(minutes, 2),
+                      "peak_mem_mib": round(peak / 1024, 1), "final_train_loss": round(result.final_loss, 4),
+                      "steps": steps, "epochs": report["epochs"], "trainable_params": report["trainable_parameters"],
+                      "threads": torch.get_num_threads()}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ft-quality")
+    parser.add_argument("--base", type=Path, help="a base model directory (default: pretrain one, cached)")
+    parser.add_argument("--methods", nargs="+", default=["full", "lora", "dora", "qlora"])
+    parser.add_argument("--pretrain-steps", type=int, default=800)
+    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--n-eval", type=int, default=400)
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed row")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "BASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        finetune_worker(args.worker[0], args.worker[1], str(args.work), args.sft_steps, args.n_train, args.n_eval,
+                        args.seq_len, args.batch_size)
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    base = args.base or pretrain(args.work, args.pretrain_steps)
+    for method in args.methods:
+        subprocess.run([sys.executable, __file__, "--worker", method, str(base), "--work", str(args.work),
+                        "--sft-steps", str(args.sft_steps), "--n-train", str(args.n_train), "--n-eval",
+                        str(args.n_eval), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)],
+                       check=True)
+
+
+if __name__ == "__main__":
+    main()

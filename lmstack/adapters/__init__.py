@@ -1,0 +1,34 @@
+"""Adapters: parameter-efficient fine-tuning methods, swapped into a model by module name.
+
+    config.py       LoraConfig (peft's fields)
+    lora.py         LoraLinear: LoRA, rsLoRA and DoRA on any linear (dense or quantized base)
+    modules.py      ModulesToSave, TrainableTokens (new tokens' rows), resize_vocab
+    inject.py       apply_lora, merge / unmerge / unload, disable_adapters (a reference model for free)
+    names.py        lmstack <-> Hugging Face module names (GPT-2's fused c_attn)
+    peft_format.py  save_adapter / load_adapter in peft's directory format; AdapterStore for the engine
+
+    model = lmstack.load_model("base-dir")
+    apply_lora(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    ... train ...
+    save_adapter(model, "out/adapter")      # peft.PeftModel.from_pretrained(hf_base, "out/adapter") loads it
+    model = lmstack.load_model("base-dir", adapter="out/adapter")
+"""
+
+from lmstack.adapters.config import LoraConfig
+from lmstack.adapters.inject import (
+                                     adapters,
+                                     apply_lora,
+                                     disable_adapters,
+                                     has_adapters,
+                                     is_adapter_parameter,
+                                     merge_adapters,
+                                     unload,
+                                     unmerge_adapters,
+)
+from lmstack.adapters.lora import LoraLinear
+from lmstack.adapters.modules import ModulesToSave, TrainableTokens, resize_vocab
+from lmstack.adapters.peft_format import AdapterStore, is_adapter_dir, load_adapter, read_adapter, save_adapter
+
+__all__ = ["AdapterStore", "LoraConfig", "LoraLinear", "ModulesToSave", "TrainableTokens", "adapters", "apply_lora",
+           "disable_adapters", "has_adapters", "is_adapter_dir", "is_adapter_parameter", "load_adapter",
+           "merge_adapters", "read_adapter", "resize_vocab", "save_adapter", "unload", "unmerge_adapters"]

@@ -1,0 +1,172 @@
+"""Put adapters into a model by module name, and take them out again.
+
+    apply_lora(model, LoraConfig)   swap the target linears for LoraLinear, wrap modules_to_save and the
+                                    trainable token rows, freeze everything else -> the adapted names
+    merge_adapters / unmerge_adapters   fold the updates into the base weights and back (fp32: exact to rounding)
+    unload(model)                   merged plain modules in place of every wrapper: an ordinary Transformer
+    disable_adapters(model)         a context in which the model is its base (no second copy needed for a
+                                    reference model, e.g. DPO's or PPO's KL term)
+    is_adapter_parameter(name)      whether a parameter belongs to an adapter (what trains, what a checkpoint holds)
+
+The model is never subclassed: only its leaf modules change (DESIGN.md, principle 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from lmstack.adapters.config import LoraConfig
+from lmstack.adapters.lora import LoraLinear
+from lmstack.adapters.modules import ModulesToSave, TrainableTokens
+from lmstack.adapters.names import hf_module
+from lmstack.errors import ConfigError
+
+ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save", "trainable_tokens_delta")
+WRAPPERS = (LoraLinear, ModulesToSave, TrainableTokens)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return any(part in ADAPTER_LEAVES for part in name.split("."))
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear, or a quantized linear (in_features, out_features and a dequantize())."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "dequantize") and hasattr(module, "in_features"))
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer an adapter may target: not the output head (peft's all-linear leaves it out too),
+    not one already inside an adapter."""
+    found = {}
+    for name, module in model.named_modules():
+        if name == "lm_head" or not is_linear(module) or any(isinstance(p, WRAPPERS) for p in _parents(model, name)):
+            continue
+        found[name] = module
+    return found
+
+
+def _parents(model: nn.Module, name: str) -> list[nn.Module]:
+    parts = name.split(".")
+    return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Adapt `model` in place per `cfg`; returns the names of the linears that got a LoRA (or DoRA) update.
+
+    Raises ConfigError when target_modules or modules_to_save match nothing (naming what the model has)."""
+    config = model.config
+    candidates = linear_modules(model)
+    targets = []
+    for name, module in candidates.items():
+        names = [name, hf_module(name, config)[0]]
+        if cfg.matches(names):
+            r, alpha = cfg.rank_and_alpha(names)
+            set_module(model, name, LoraLinear(module, r, alpha, cfg.lora_dropout, cfg.use_rslora, cfg.use_dora))
+            targets.append(name)
+    if not targets:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates} | {hf_module(n, config)[0].rsplit(".", 1)[-1]
+                                                                     for n in candidates})
+        raise ConfigError(f"lora.target_modules {cfg.target_modules!r} matches no linear layer of this model; "
+                          f"its linear layers are named {', '.join(leaves)} (or use all-linear)")
+    for entry in cfg.modules_to_save:
+        wrap_modules_to_save(model, entry)
+    if cfg.trainable_token_indices:
+        wrap_trainable_tokens(model, cfg.trainable_token_indices)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter_parameter(name))
+    return targets
+
+
+def wrap_modules_to_save(model: nn.Module, entry: str) -> list[str]:
+    """Wrap every module named `entry` (a name or a dotted suffix, lmstack's or Hugging Face's) in ModulesToSave."""
+    config = model.config
+    found = [name for name, module in model.named_modules()
+             if name and not isinstance(module, WRAPPERS) and not any(isinstance(p, WRAPPERS) for p in _parents(model, name))
+             and any(n == entry or n.endswith("." + entry) for n in (name, hf_module(name, config)[0]))]
+    if not found:
+        raise ConfigError(f"lora.modules_to_save: {entry!r} names no module of this model "
+                          "(e.g. lm_head, embed_tokens, model.norm)")
+    for name in found:
+        set_module(model, name, ModulesToSave(model.get_submodule(name)))
+    return found
+
+
+def wrap_trainable_tokens(model: nn.Module, indices: list[int]) -> None:
+    """Train only rows `indices` of the embedding (and of the head: the same rows, shared when tied)."""
+    vocab = model.model.embed_tokens.num_embeddings
+    bad = [i for i in indices if not 0 <= i < vocab]
+    if bad:
+        raise ConfigError(f"lora.trainable_token_indices: {bad[0]} is outside the vocabulary (size {vocab})")
+    embed = TrainableTokens(model.model.embed_tokens, indices)
+    model.model.embed_tokens = embed
+    shared = embed.trainable_tokens_delta if model.config.tie_word_embeddings else None
+    model.lm_head = TrainableTokens(model.lm_head, indices, shared)
+
+
+def adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every adapter wrapper in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, WRAPPERS):
+            yield name, module
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return next(adapters(model), None) is not None
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for _, module in adapters(model):
+        if isinstance(module, LoraLinear):
+            module.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, module in adapters(model):
+        if isinstance(module, LoraLinear):
+            module.unmerge()
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Replace every wrapper by a plain module with the adapter folded in (LoRA merged, trained rows and
+    modules written in): the model is then an ordinary Transformer that `save_model` writes as is."""
+    for name, module in list(adapters(model)):
+        if isinstance(module, LoraLinear):
+            set_module(model, name, module.merged_linear())
+        elif isinstance(module, ModulesToSave):
+            set_module(model, name, module.modules_to_save)
+        elif isinstance(module, TrainableTokens):
+            set_module(model, name, module.merged_layer())
+    if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        model.config.tie_word_embeddings = False  # e.g. modules_to_save trained a copy of one side only
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes its base outputs (adapters bypassed, nothing copied)."""
+    wrappers = [m for _, m in adapters(model)]
+    if any(isinstance(m, LoraLinear) and m.merged for m in wrappers):
+        raise ConfigError("cannot disable merged adapters; unmerge_adapters(model) first")
+    previous = [m.enabled for m in wrappers]
+    for m in wrappers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(wrappers, previous):
+            m.enabled = was
+
+
+__all__ = ["adapters", "apply_lora", "disable_adapters", "has_adapters", "is_adapter_parameter", "linear_modules",
+           "merge_adapters", "set_module", "unload", "unmerge_adapters", "wrap_modules_to_save",
+           "wrap_trainable_tokens"]
