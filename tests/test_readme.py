@@ -10,6 +10,7 @@ as a reader following the README would). `lmstack ...` commands run in this proc
 - Expensive commands (SLOW) run only with --runslow; cheap ones always. Long runs get small settings
   (SMALL: options appended, later options win) so the default suite stays fast.
 - Blocks that install packages or run this test suite (SKIP) are not run.
+- Blocks marked ```bash sketch / ```python sketch (outlines with placeholders such as DIR) are not run.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def checkout(tmp_path_factory, shared_data) -> Path:
 
 def test_the_readme_has_runnable_blocks():
     assert len(BLOCKS) >= 8 and {b.lang for b in BLOCKS} == {"bash", "python"}
+    # a placeholder model directory in a block that runs would fail it only when that command runs: catch it here
+    for block in BLOCKS:
+        assert not re.search(r"--model (DIR|BASE)\b", block.text), f"{block.id}: placeholders; mark it `sketch`"
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
