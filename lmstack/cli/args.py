@@ -80,7 +80,8 @@ def text_arg(text: str, where: str) -> str:
     instead of failing deep inside a tokenizer.
     """
     if any("\udc80" <= ch <= "\udcff" for ch in text):
-        return decode_utf8(os.fsencode(text), where, InputFileError, "pass UTF-8 text (is the terminal's locale UTF-8?)")
+        return decode_utf8(os.fsencode(text), where, InputFileError,
+                           "pass UTF-8 text (is the terminal's locale UTF-8?)")
     return text
 
 

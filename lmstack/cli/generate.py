@@ -57,7 +57,7 @@ def add_generation_flags(parser: argparse.ArgumentParser, defaults: dict[str, An
         elif f.name == "stop":
             group.add_argument(flag, action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
         elif f.name == "eos_token_ids":
-            group.add_argument(flag, type=int, nargs="+", default=None, metavar="ID", help="default: the model's")
+            group.add_argument(flag, type=integer, nargs="+", default=None, metavar="ID", help="default: the model's")
         else:
             base = next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_args(tp) else tp
             parse = {int: integer, float: number}.get(base, base)  # the wording every verb uses for a bad number

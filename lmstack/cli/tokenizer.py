@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lmstack.cli.args import PRINT_CONFIG_HELP, add_out, positive_int, print_config, read_stdin, text_arg
+from lmstack.cli.args import PRINT_CONFIG_HELP, add_out, integer, positive_int, print_config, read_stdin, text_arg
 from lmstack.schema import from_sources, load_yaml
 from lmstack.tokenizer import KINDS, ROLES, SpecialTokens, Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 
@@ -184,7 +184,7 @@ def _encode_main(argv: list[str]) -> int:
 def _decode_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmstack tokenizer decode", description="Print the text of token ids.")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    parser.add_argument("ids", nargs="+", type=int, help="token ids")
+    parser.add_argument("ids", nargs="+", type=integer, help="token ids")
     parser.add_argument("--skip-special", action="store_true", help="drop special tokens from the text")
     args = parser.parse_args(argv)
     print(load_tokenizer(args.tokenizer).decode(args.ids, skip_special_tokens=args.skip_special))

@@ -279,6 +279,12 @@ def test_bad_numbers_and_devices_read_as_every_verb_words_them(tiny_model_dir, t
     with pytest.raises(SystemExit):
         main(["chat", "--model", str(tiny_model_dir), "--top-p", "x"])
     assert "argument --top-p: expected a number, got 'x'" in capsys.readouterr().err
+    for argv, words in ((["eval", "--model", "m", "--task", "perplexity", "--limit", "x"], "--limit: expected an integer"),
+                        (["quantize", "--model", "m", "--method", "rtn", "--damp", "x"], "--damp: expected a number"),
+                        (["info", "llama-tiny", "--context", "1.5"], "--context: expected an integer, got '1.5'")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert words in capsys.readouterr().err
     text = tmp_path / "a.txt"
     text.write_text("some text\n")
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "perplexity", "--data", str(text),
