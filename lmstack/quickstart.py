@@ -1,6 +1,7 @@
 """`lmstack quickstart`: from nothing to a chatting model with a report, on the built-in corpus, in minutes.
 
-    lmstack quickstart [--out runs/quickstart] [--minutes 6] [--preset NAME] [--corpus PATH...]
+    lmstack quickstart [--out runs/quickstart] [--minutes 8] [--preset NAME] [--corpus PATH...]
+    lmstack quickstart --out runs/quickstart --resume      (continue an interrupted run)
 
 1. data      `lmstack data prepare`: clean, dedup, byte-level BPE tokenizer, token shards, data report
 2. model     a small Llama-style model, sized so the run fits the time budget on this machine
@@ -12,7 +13,8 @@
 OUT is a Hugging Face model directory (config.json, model.safetensors, tokenizer files), so
 `lmstack chat --model OUT` and `transformers.AutoModelForCausalLM.from_pretrained(OUT)` open it.
 Stages that finished are kept: after a Ctrl-C (which leaves the last checkpoint), running the same
-command again resumes instead of starting over.
+command again (or `--resume`) continues the run; options that differ from the run's are refused by
+name, and `--restart` starts over. A run that fails leaves no OUT behind (unless OUT held a run before).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from lmstack.atomic import write_text
+from lmstack.atomic import make_output_dir, write_text
 from lmstack.errors import ConfigError
-from lmstack.schema import from_dict, to_dict
+from lmstack.schema import from_dict, read_json, to_dict
 
-# The default model: ~4.5M parameters, a few thousand tokens/s on two CPU cores in fp32.
+# The default model: ~4M parameters (3.95M at vocabulary 4096), a few thousand tokens/s on two CPU cores in fp32.
 QUICKSTART_MODEL = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688,
                         tie_word_embeddings=True, max_seq_len=256)
 PROMPTS = ["The return value of", "A dictionary is", "def read_file(path):", "The with statement"]
@@ -57,13 +59,22 @@ class QuickstartPlan:
 
     corpus: list[str] = field(default_factory=lambda: ["builtin:python-docs"])
     vocab_size: int = 4096
+    preset: str | None = None  # None: the QUICKSTART_MODEL default
     model: dict = field(default_factory=lambda: dict(QUICKSTART_MODEL))
     seq_len: int = 256
     batch_size: int = 8
-    steps: int = 0  # chosen from a timing of the first steps so that the whole run fits `minutes`
+    steps: int = 0  # as asked; 0 = as many as fit `minutes`
     minutes: float = 8.0
     seed: int = 0
     lr: float = 2e-3
+    train_steps: int = 0  # what training runs: `steps`, or the count chosen from a timing of the first steps
+    finished: bool = False  # every stage done: a rerun only points at the report
+
+
+# The options a user sets, as the command line spells them (QuickstartPlan field -> flag).
+FLAGS = {"corpus": "--corpus", "vocab_size": "--vocab-size", "preset": "--preset", "seq_len": "--seq-len",
+         "batch_size": "--batch-size", "steps": "--steps", "minutes": "--minutes", "seed": "--seed"}
+PLAN_FILE = "quickstart.json"
 
 
 def say(message: str) -> None:
@@ -71,6 +82,22 @@ def say(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- stages
+def prepare_config(plan: QuickstartPlan, data_dir: Path):
+    """The PrepareConfig of stage 1+2: what `lmstack data prepare --corpus ... --train-tokenizer bpe:VOCAB
+    --val-fraction 0.05` builds, the built-in corpus's quality defaults included."""
+    from lmstack.data.builtin import BUILTIN_QUALITY_DEFAULTS
+    from lmstack.data.pipeline import PrepareConfig
+
+    builtin = [c for c in plan.corpus if c.startswith("builtin:")]
+    if builtin and len(plan.corpus) > 1:
+        raise ConfigError("--corpus: give either one builtin:NAME or your own files/directories, not both")
+    quality = dict(BUILTIN_QUALITY_DEFAULTS.get(builtin[0].removeprefix("builtin:"), {})) if builtin else {}
+    return from_dict(PrepareConfig, {
+        "corpus": builtin[0] if builtin else None, "inputs": [] if builtin else list(plan.corpus),
+        "train_tokenizer": f"bpe:{plan.vocab_size}", "output": str(data_dir), "val_fraction": 0.05,
+        "split": "document", "quality": quality})
+
+
 def prepare_data(plan: QuickstartPlan, data_dir: Path) -> dict:
     """Stage 1+2: the data pipeline with a BPE tokenizer trained on the cleaned text (skipped if done).
 
@@ -78,26 +105,20 @@ def prepare_data(plan: QuickstartPlan, data_dir: Path) -> dict:
     `lmstack data prepare` splits by default. A corpus of too few documents for that (one big file)
     is split by its token stream's last 5% instead.
     """
+    from lmstack.data.pipeline import EmptyValidationSplit, prepare
+
     report_path = data_dir / "data_report.json"
     if report_path.exists():
         say(f"data: already prepared in {data_dir}")
         return json.loads(report_path.read_text(encoding="utf-8"))
-    from lmstack.data.builtin import BUILTIN_QUALITY_DEFAULTS
-    from lmstack.data.pipeline import PrepareConfig, prepare
-
-    builtin = [c for c in plan.corpus if c.startswith("builtin:")]
-    if builtin and len(plan.corpus) > 1:
-        raise ConfigError("--corpus: give either one builtin:NAME or your own files/directories, not both")
-    quality = dict(BUILTIN_QUALITY_DEFAULTS.get(builtin[0].removeprefix("builtin:"), {})) if builtin else {}
-    cfg = from_dict(PrepareConfig, {
-        "corpus": builtin[0] if builtin else None, "inputs": [] if builtin else list(plan.corpus),
-        "train_tokenizer": f"bpe:{plan.vocab_size}", "output": str(data_dir), "val_fraction": 0.05,
-        "split": "document", "quality": quality})
+    cfg = prepare_config(plan, data_dir)
     say(f"data: cleaning, deduplicating and tokenising {', '.join(plan.corpus)}")
-    report = prepare(cfg)
-    if report["split"]["val"]["tokens"] < plan.seq_len + 1:
-        say(f"data: {report['split']['val']['documents']} held-out documents are too few to validate on; "
-            "using the last 5% of the token stream instead")
+    try:
+        report = prepare(cfg)
+    except EmptyValidationSplit:
+        report = None
+    if report is None or report["split"]["val"]["tokens"] < plan.seq_len + 1:
+        say("data: too few held-out documents to validate on; using the last 5% of the token stream instead")
         report = prepare(dataclasses.replace(cfg, split="tail", overwrite=True))
     return report
 
@@ -106,7 +127,7 @@ def pretrain_config(plan: QuickstartPlan, out: Path, steps: int | None = None):
     """The PretrainConfig this quickstart trains with: the same recipe and engine as `lmstack pretrain`."""
     from lmstack.train.config import PretrainConfig
 
-    steps = max(steps or plan.steps, 1)
+    steps = max(steps or plan.train_steps, 1)
     return from_dict(PretrainConfig, {
         "out_dir": str(out / "run"),
         "model": plan.model,
@@ -166,10 +187,10 @@ def train(plan: QuickstartPlan, out: Path):
     checkpoint = latest_checkpoint(out / "run" / "checkpoints")
     if checkpoint is not None:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-        if state["step"] >= plan.steps:
-            say(f"train: already finished ({plan.steps} steps) in {out / 'run'}")
+        if state["step"] >= plan.train_steps:
+            say(f"train: already finished ({plan.train_steps} steps) in {out / 'run'}")
             return None
-        say(f"train: resuming from {checkpoint} (step {state['step']} of {plan.steps})")
+        say(f"train: resuming from {checkpoint} (step {state['step']} of {plan.train_steps})")
     return run(pretrain_config(plan, out), resume=checkpoint is not None)
 
 
@@ -225,15 +246,15 @@ def write_report(out: Path, plan: QuickstartPlan, facts: dict, data_report: dict
     before, after = facts["val_loss_before"], evals[-1]["val_loss"] if evals else float("nan")
     lines = [
         "# lmstack quickstart report", "",
-        *(["**Interrupted** during training: the model is the last checkpoint; run the same command again to "
-            "resume.", ""] if interrupted else []),
+        *([f"**Interrupted** during training: the model is the last checkpoint; `lmstack quickstart --out {out} "
+           "--resume` continues the run.", ""] if interrupted else []),
         f"Output directory `{out}` is a Hugging Face model directory: `lmstack chat --model {out}` opens it.", "",
         "| | |", "| --- | ---: |",
         f"| corpus | {', '.join(plan.corpus)} |",
         f"| parameters | {facts['parameters']:,} |",
         f"| model | {c.num_layers} layers, width {c.hidden_size}, {c.num_heads} heads ({c.num_kv_heads} kv), "
         f"vocab {c.vocab_size}, context {c.max_seq_len} |",
-        f"| optimizer steps | {train[-1]['step'] if train else 0} of {plan.steps} "
+        f"| optimizer steps | {train[-1]['step'] if train else 0} of {plan.train_steps} "
         f"({plan.batch_size} x {plan.seq_len} tokens each) |",
         f"| tokens trained | {train[-1]['tokens'] if train else 0:,} |",
         f"| training tokens/s (median step) | {tokens_per_s:,.0f} |",
@@ -265,24 +286,104 @@ def write_report(out: Path, plan: QuickstartPlan, facts: dict, data_report: dict
 
 
 # ------------------------------------------------------------------------------------------- main
-def run_quickstart(plan: QuickstartPlan, out: Path) -> Path:
-    """Every stage, each skipped when a previous run finished it; `plan.minutes` bounds the whole run."""
+def _shown(field_name: str, value) -> str:
+    if field_name == "corpus":
+        return " ".join(value)
+    if field_name == "preset":
+        return value or "(default model)"
+    if field_name == "steps" and not value:
+        return "(time budget)"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check_corpus(cfg) -> None:
+    from lmstack.data.builtin import corpus_names
+    from lmstack.data.ingest import expand_inputs
+
+    cfg.validate()
+    if cfg.inputs:
+        expand_inputs(cfg.inputs)  # each path exists and holds readable files
+    elif cfg.corpus.removeprefix("builtin:") not in corpus_names():
+        raise ConfigError(f"--corpus {cfg.corpus}: unknown built-in corpus (known: "
+                          f"{', '.join('builtin:' + n for n in corpus_names())})")
+
+
+def open_run(plan: QuickstartPlan, out: Path, given: set[str] | None = None, resume: bool = False,
+             restart: bool = False) -> tuple[QuickstartPlan, bool]:
+    """What this invocation does with OUT -> (the plan to run, whether OUT is new).
+
+    OUT absent or empty: a new run (`resume` has nothing to continue: an error). OUT holding a quickstart
+    run: continue it, unless an option differs from the run's (refused by name) or `restart` starts over.
+    `given`: the QuickstartPlan fields the user set explicitly; with `resume` only those are compared, without
+    it every option is (running the same command again continues the run).
+    """
+    plan_path = out / PLAN_FILE
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory")
+    if out.is_dir() and not plan_path.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and holds no quickstart run (no {PLAN_FILE}); choose another --out")
+    if not plan_path.exists():
+        if resume:
+            raise ConfigError(f"--resume: {out} holds no quickstart run to continue (run without --resume to "
+                              "start one)")
+        return plan, True
+    if restart:
+        say(f"--restart: deleting the run in {out} and starting over")
+        shutil.rmtree(out)
+        return plan, True
+    stored = from_dict(QuickstartPlan, read_json(plan_path, ConfigError))
+    if not stored.train_steps and stored.steps:  # written before train_steps existed
+        stored.train_steps = stored.steps
+    compared = (given or set()) if resume else set(FLAGS)
+    differ = [name for name in FLAGS if name in compared and getattr(stored, name) != getattr(plan, name)]
+    if differ:
+        was = " ".join(f"{FLAGS[n]} {_shown(n, getattr(stored, n))}" for n in differ)
+        now = " ".join(f"{FLAGS[n]} {_shown(n, getattr(plan, n))}" for n in differ)
+        raise ConfigError(f"{out} holds a quickstart run started with {was}, but this command asks for {now}. "
+                          f"Continue that run with `lmstack quickstart --out {out} --resume`, add --restart to "
+                          "delete it and start over with these options, or choose another --out")
+    say(f"resuming the run in {out} (--restart starts over)")
+    return stored, False
+
+
+def run_quickstart(plan: QuickstartPlan, out: Path, given: set[str] | None = None, resume: bool = False,
+                   restart: bool = False) -> Path:
+    """Every stage, each skipped when a previous run finished it; `plan.minutes` bounds the whole run.
+
+    Ctrl-C keeps what finished (the next run continues it); any other failure of a new run removes OUT.
+    """
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    plan_path = out / "quickstart.json"
-    if plan_path.exists():  # a rerun: continue the run that was started, whatever the flags say now
-        plan = from_dict(QuickstartPlan, json.loads(plan_path.read_text(encoding="utf-8")))
-        say(f"resuming the run in {out} (delete it to start over)")
+    _check_corpus(prepare_config(plan, out / "data"))  # a bad corpus fails before anything is written
+    plan, fresh = open_run(plan, out, given, resume, restart)
+    make_output_dir(out)
+    try:
+        if fresh:
+            write_text(out / PLAN_FILE, json.dumps(to_dict(plan), indent=2))
+        return _stages(plan, out, started)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _stages(plan: QuickstartPlan, out: Path, started: float) -> Path:
+    if plan.finished and (out / "report.md").exists():
+        say(f"the run in {out} is finished; nothing to do (--restart starts over)")
+        return out / "report.md"
     data_report = prepare_data(plan, out / "data")
     data_s = time.perf_counter() - started
     measured = probe(plan, out)
-    if plan.steps == 0:
-        left = plan.minutes * 60 - (time.perf_counter() - started)
-        plan.steps = steps_that_fit(plan, measured, left)
-        say(f"train: one step of {plan.batch_size}x{plan.seq_len} tokens takes {measured.step_s:.2f} s here: "
-            f"{plan.steps} steps fit the {plan.minutes:g}-minute budget ({left:.0f} s left after the data)")
-    if not plan_path.exists():
-        write_text(plan_path, json.dumps(to_dict(plan), indent=2))
+    if not plan.train_steps:
+        if plan.steps:
+            plan.train_steps = plan.steps
+        else:
+            left = plan.minutes * 60 - (time.perf_counter() - started)
+            plan.train_steps = steps_that_fit(plan, measured, left)
+            say(f"train: one step of {plan.batch_size}x{plan.seq_len} tokens takes {measured.step_s:.2f} s here: "
+                f"{plan.train_steps} steps fit the {plan.minutes:g}-minute budget ({left:.0f} s left after the data)")
+        write_text(out / PLAN_FILE, json.dumps(to_dict(plan), indent=2))
     facts = {"parameters": measured.parameters, "model_config": measured.model_config,
              "val_loss_before": measured.val_loss, "data_s": data_s, "train_s": 0.0, "sample_s": 0.0}
     t1 = time.perf_counter()
@@ -299,4 +400,7 @@ def run_quickstart(plan: QuickstartPlan, out: Path) -> Path:
     t2 = time.perf_counter()
     samples = sample(out)
     facts["sample_s"] = time.perf_counter() - t2
-    return write_report(out, plan, facts, data_report, samples)
+    report = write_report(out, plan, facts, data_report, samples)
+    plan.finished = True
+    write_text(out / PLAN_FILE, json.dumps(to_dict(plan), indent=2))
+    return report

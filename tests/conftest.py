@@ -4,7 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Real data for tests: $LMSTACK_TEST_DATA, else ../shared/data beside the checkout (the README's data section).
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(os.environ["LMSTACK_TEST_DATA"]) if os.environ.get("LMSTACK_TEST_DATA") else DEFAULT_DATA
+NO_DATA = (f"test data not found at {SHARED_DATA}: set LMSTACK_TEST_DATA=/path/to/data (a directory with "
+           "tinyshakespeare/, gutenberg_nltk/, gsm8k/, ...) to run these tests")
 
 
 def pytest_addoption(parser):
@@ -17,6 +21,13 @@ def pytest_configure(config):
         config.option.markexpr = ""
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Say once, in the summary, why the data-dependent tests skipped (the -rs list is off by default)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_DATA in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} tests skipped: {NO_DATA}", yellow=True)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -25,8 +36,8 @@ def _deterministic():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"{SHARED_DATA} not present")
+    if not SHARED_DATA.is_dir():
+        pytest.skip(NO_DATA)
     return SHARED_DATA
 
 

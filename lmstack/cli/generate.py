@@ -2,6 +2,10 @@
 
 Every GenerationConfig field is a flag (`--top-p 0.9`, `--stop "\\n\\n"` repeatable, `--logprobs`); a
 YAML file of the same fields can be given with `--config`, flags win over it.
+
+Plain-text output: one completion is printed as it is generated; several (prompts, or beams of
+`--num-return-sequences`) are each printed under a header line `=== N: "prompt" ===`, since the texts
+themselves may hold newlines. `--jsonl` (or `--out FILE`) gives one JSON object per prompt instead.
 """
 
 from __future__ import annotations
@@ -16,24 +20,32 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmstack.atomic import atomic_file
+from lmstack.cli.args import add_out, integer, number, positive_int, text_arg
+from lmstack.device import resolve_device
 from lmstack.errors import CheckpointError, ConfigError, DataError, InputFileError
-from lmstack.generate.api import generate, stream
+from lmstack.generate.api import generate
 from lmstack.generate.config import GenerationConfig
 from lmstack.generate.prompts import encode_prompts
 from lmstack.generate.results import GenerationOutput
-from lmstack.schema import from_dict, load_yaml
+from lmstack.generate.run import GenerationRun
+from lmstack.schema import decode_utf8, from_dict, load_yaml
 
 # ------------------------------------------------------------------------------------------- shared flags
 
 
-def add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per GenerationConfig field, typed from the dataclass; unset flags stay None (= default)."""
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (a GPU when torch sees one) (default: cpu)"
+
+
+def add_generation_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """One flag per GenerationConfig field, typed from the dataclass; unset flags stay None (= default).
+    `defaults`: the verb's own defaults over the dataclass's (what --help shows is what is used)."""
     group = parser.add_argument_group("decoding options (GenerationConfig fields)")
     hints = typing.get_type_hints(GenerationConfig)
     for f in dataclasses.fields(GenerationConfig):
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (defaults or {}).get(f.name, default)
         help_text = f"default {default!r}"
         if f.name == "early_stopping":
             group.add_argument(flag, choices=["true", "false", "never"], default=None, help=help_text)
@@ -45,10 +57,11 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "stop":
             group.add_argument(flag, action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
         elif f.name == "eos_token_ids":
-            group.add_argument(flag, type=int, nargs="+", default=None, metavar="ID", help="default: the model's")
+            group.add_argument(flag, type=integer, nargs="+", default=None, metavar="ID", help="default: the model's")
         else:
             base = next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_args(tp) else tp
-            group.add_argument(flag, type=base, default=None, metavar=base.__name__.upper(), help=help_text)
+            parse = {int: integer, float: number}.get(base, base)  # the wording every verb uses for a bad number
+            group.add_argument(flag, type=parse, default=None, metavar=base.__name__.upper(), help=help_text)
     group.add_argument("--config", type=Path, help="YAML file of GenerationConfig fields (flags override it)")
 
 
@@ -74,6 +87,8 @@ def load_model_and_tokenizer(directory: Path, device: str | None, adapter: Path 
     from lmstack.interop.hf import load_model
     from lmstack.tokenizer import Tokenizer
 
+    # an unknown device or CUDA on a CPU-only torch: one DeviceError before anything is read
+    device = resolve_device(device if device is not None else "cpu")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such model directory")
     if adapter is not None and not adapter.is_dir():
@@ -92,9 +107,10 @@ def load_model_and_tokenizer(directory: Path, device: str | None, adapter: Path 
 def _read_prompts_file(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-blank line; a record has "prompt" (text) or "messages" (chat)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as e:
-        raise InputFileError(f"{path}: cannot read prompts file ({e.strerror})") from None
+        raise InputFileError(f"{path}: cannot read prompts file ({(e.strerror or str(e)).lower()})") from None
+    lines = decode_utf8(data, str(path), InputFileError, "save it as UTF-8").splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -149,33 +165,40 @@ def main(argv: list[str]) -> int:
     source.add_argument("--prompt", action="append", help="a prompt (repeatable: one batch)")
     source.add_argument("--prompts-file", type=Path, help='JSONL: {"prompt": "..."} or {"messages": [...]}, '
                         'optional "id"; writes one JSON line per prompt')
-    parser.add_argument("--output", type=Path, help="write the JSONL here (atomically) instead of stdout")
-    parser.add_argument("--jsonl", action="store_true", help="print --prompt results as JSONL, not plain text")
+    add_out(parser, "--output", "-o", type=Path, metavar="FILE",
+            help="write the JSONL here (atomically) instead of stdout")
+    parser.add_argument("--jsonl", action="store_true", help="print results as JSONL (one object per prompt); "
+                        'plain text prints several results under `=== N: "prompt" ===` headers')
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
-    parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    parser.add_argument("--system", help="system message (with --chat)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together (default 8)")
     parser.add_argument("--draft-model", type=Path, help="draft model directory: speculative decoding (greedy)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--stats", action="store_true", help="print prefill/decode timing to stderr")
     add_generation_flags(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system is the system message of a chat prompt: add --chat (each --prompt becomes a "
+                          "user turn), or use `lmstack chat`")
+    system = text_arg(args.system, "--system") if args.system is not None else None
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.adapter)
     draft = load_model_and_tokenizer(args.draft_model, args.device)[0] if args.draft_model else None
     if args.prompts_file is not None:
         records = [(f"{args.prompts_file}:{n}", r) for n, r in _read_prompts_file(args.prompts_file)]
     else:
-        records = [("--prompt", {"prompt": p}) for p in args.prompt]
-    prompts = [_prompt_ids(r, tokenizer, args.chat, args.system, where, config) for where, r in records]
-    as_jsonl = args.jsonl or args.prompts_file is not None or args.output is not None
+        records = [("--prompt", {"prompt": text_arg(p, "--prompt")}) for p in args.prompt]
+    prompts = [_prompt_ids(r, tokenizer, args.chat, system, where, config) for where, r in records]
+    as_jsonl = args.jsonl or args.prompts_file is not None or args.out is not None
 
     if not as_jsonl and len(prompts) == 1 and config.num_beams == 1 and draft is None:
-        for piece in stream(model, tokenizer, prompts[:1], config=config):  # show tokens as they come
-            sys.stdout.write(piece)
+        run = GenerationRun(model, tokenizer, prompts, config)
+        for event in run.events():  # show tokens as they come
+            sys.stdout.write(event.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if args.stats:
+            _print_stats(run.output())
         return 0
     from torch._dynamo.utils import (
         counters as dynamo_counters,  # tells --stats when a batch paid for compiling
@@ -189,13 +212,30 @@ def main(argv: list[str]) -> int:
             _print_stats(out, compiled_now=dynamo_counters["stats"]["unique_graphs"] > graphs)
         results += [_record(records[start + i][1], out, i) for i in range(len(out.token_ids))]
     if not as_jsonl:
-        print("\n".join(r["text"] for r in results))
-    elif args.output is not None:
-        with atomic_file(args.output) as f:
+        _print_plain(results)
+    elif args.out is not None:
+        with atomic_file(args.out) as f:
             _write_jsonl(f, results)
     else:
         _write_jsonl(sys.stdout, results)
     return 0
+
+
+def _print_plain(results: list[dict[str, Any]]) -> None:
+    """One result: its text. Several (prompts or returned beams): each under a header naming it, because a
+    text may itself contain newlines (joining them with newlines would hide where one ends)."""
+    texts = [(i, r, beam) for i, r in enumerate(results, 1)
+             for beam in (r["beams"] if len(r.get("beams") or []) > 1 else [None])]
+    if len(texts) == 1:
+        print(results[0]["text"])
+        return
+    for i, record, beam in texts:
+        source = record.get("prompt", "chat")
+        shown = json.dumps(source if len(source) <= 60 else source[:57] + "...", ensure_ascii=False)
+        which = f" (beam {record['beams'].index(beam) + 1} of {len(record['beams'])}, score {beam['score']:.3f})" \
+            if beam is not None else ""
+        print(f"=== {i}: {shown}{which} ===")
+        print(beam["text"] if beam is not None else record["text"])
 
 
 def _write_jsonl(f: TextIO, records: list[dict[str, Any]]) -> None:

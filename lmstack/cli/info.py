@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lmstack.cli.args import integer
 from lmstack.config import PRESETS, ModelConfig, preset
 from lmstack.errors import CheckpointError
 from lmstack.interop.hf import read_config
@@ -125,7 +126,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("model", nargs="?", help=f"a model directory or a preset: {', '.join(sorted(PRESETS))}")
     parser.add_argument("--list", action="store_true",
                         help="list the presets (name, family, parameters) and the recipe configs, then exit")
-    parser.add_argument("--context", type=int, default=None, help="tokens of context for the FLOPs figure")
+    parser.add_argument("--context", type=integer, default=None, help="tokens of context for the FLOPs figure")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.list:

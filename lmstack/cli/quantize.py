@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from lmstack.cli.args import integer, number
 from lmstack.errors import ConfigError
 from lmstack.interop.hf import load_model
 from lmstack.quant.apply import METHODS, NEEDS_CALIBRATION, QuantConfig, quantize_model
@@ -22,25 +23,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model directory (with its tokenizer)")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, help="the quantized model directory to write")
-    p.add_argument("--bits", type=int, default=4, help="rtn / gptq / awq / qat: 8, 4 or 3 [4]")
-    p.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = one per output channel [128]")
+    p.add_argument("--bits", type=integer, default=4, help="rtn / gptq / awq / qat: 8, 4 or 3 [4]")
+    p.add_argument("--group-size", type=integer, default=128, help="columns per scale; 0 = one per output channel [128]")
     p.add_argument("--symmetric", action="store_true", help="absmax scales, fixed zero point (int8 kernel needs it)")
-    p.add_argument("--block-size", type=int, default=64, help="nf4 / fp4 block [64]")
+    p.add_argument("--block-size", type=integer, default=64, help="nf4 / fp4 block [64]")
     p.add_argument("--no-double-quant", action="store_true", help="nf4 / fp4: keep the block scales in fp32")
     p.add_argument("--calib", nargs="+", default=None,
                    help=f"calibration text: files, directories, globs or {BUILTIN} [{BUILTIN}]")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows [64]")
-    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window [256; capped at the context]")
-    p.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of mean diag(H) [0.01]")
+    p.add_argument("--calib-samples", type=integer, default=64, help="calibration windows [64]")
+    p.add_argument("--calib-seq-len", type=integer, default=256, help="tokens per window [256; capped at the context]")
+    p.add_argument("--damp", type=number, default=0.01, help="gptq damping, fraction of mean diag(H) [0.01]")
     p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
-    p.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength [0.5]")
+    p.add_argument("--alpha", type=number, default=0.5, help="smoothquant migration strength [0.5]")
     p.add_argument("--no-clip", action="store_true", help="awq: skip the clipping search")
     p.add_argument("--include-head", action="store_true", help="also quantize an untied lm_head")
-    p.add_argument("--target-bits", type=float, default=None,
+    p.add_argument("--target-bits", type=number, default=None,
                    help="mixed precision (rtn / gptq): scan each layer at 3/4/8 bits and choose widths for this "
                         "average (e.g. 3.5)")
-    p.add_argument("--qat-steps", type=int, default=200, help="qat: training steps on the calibration text [200]")
-    p.add_argument("--qat-lr", type=float, default=1e-4, help="qat: peak learning rate [1e-4]")
+    p.add_argument("--qat-steps", type=integer, default=200, help="qat: training steps on the calibration text [200]")
+    p.add_argument("--qat-lr", type=number, default=1e-4, help="qat: peak learning rate [1e-4]")
     p.add_argument("--eval", nargs="+", default=None,
                    help="held-out text to report perplexity on, before and after (files / directories)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")

@@ -1,15 +1,16 @@
 """`lmstack tokenizer`: train a tokenizer on files or a built-in corpus, and inspect one (encode, decode, info).
 
-    lmstack tokenizer train --kind bpe --vocab-size 8192 --input DATA_DIR notes.jsonl --output tok/
-    lmstack tokenizer train --kind char --input input.txt --output tok-char/
-    lmstack tokenizer train --corpus builtin:python-docs --vocab-size 8192 --output tok/
+    lmstack tokenizer train --kind bpe --vocab-size 8192 --input DATA_DIR notes.jsonl --out tok/
+    lmstack tokenizer train --kind char --input input.txt --out tok-char/
+    lmstack tokenizer train --corpus builtin:python-docs --vocab-size 8192 --out tok/
     lmstack tokenizer encode --tokenizer tok/ "Hello world"
-    lmstack tokenizer decode --tokenizer tok/ 9906 1917
+    lmstack tokenizer decode --tokenizer tok/ 300 301
     lmstack tokenizer info tok/
 
 Training inputs are read by the data pipeline's readers (lmstack.data.ingest): text/markdown files,
 directories (recursive), globs, JSONL (`--text-field`), Parquet, gzip of these. The options form a
-typed `TokenizerTrainConfig`; `--config FILE.yaml` supplies the same keys, and flags override it.
+typed `TokenizerTrainConfig`; `--config FILE.yaml` supplies its fields (`inputs`, `vocab_size`, `output`,
+...: `--print-config` shows them all), and flags override it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lmstack.schema import from_dict, load_yaml
+from lmstack.cli.args import PRINT_CONFIG_HELP, add_out, integer, positive_int, print_config, read_stdin, text_arg
+from lmstack.schema import from_sources, load_yaml
 from lmstack.tokenizer import KINDS, ROLES, SpecialTokens, Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 
 
@@ -83,6 +85,7 @@ def _texts(config: TokenizerTrainConfig, counters: dict[str, int]) -> Iterator[s
             yield doc.text
     counters["documents"] = stats.documents
     counters["skipped"] = stats.malformed_lines + stats.missing_field + stats.non_string_field
+    counters["missing_field"] = stats.missing_field + stats.non_string_field
 
 
 def train_from_config(config: TokenizerTrainConfig) -> Tokenizer:
@@ -96,6 +99,8 @@ def train_from_config(config: TokenizerTrainConfig) -> Tokenizer:
                                 min_frequency=config.min_frequency, special_tokens=special, chat_template=template,
                                 show_progress=sys.stderr.isatty())  # the trainers' own progress bars, on a terminal
     seconds = time.perf_counter() - start
+    if counters["characters"] == 0:
+        raise TokenizerError(_no_text(config, counters))
     tokenizer.save(config.output)
     print(f"trained {config.kind} tokenizer: vocab {tokenizer.vocab_size} ({len(tokenizer.special_tokens.all())} "
           f"special), {counters['documents']:,} documents, {counters['characters']:,} characters "
@@ -103,32 +108,56 @@ def train_from_config(config: TokenizerTrainConfig) -> Tokenizer:
     return tokenizer
 
 
+def _no_text(config: TokenizerTrainConfig, counters: dict[str, int]) -> str:
+    source = " ".join(config.inputs) or config.corpus
+    if counters["missing_field"]:
+        return (f"no training text: {counters['missing_field']} records of {source} have no string field "
+                f"{config.text_field!r}; set --text-field to the JSONL key (or Parquet column) holding the text")
+    if counters["skipped"]:
+        return f"no training text: all {counters['skipped']} records of {source} were malformed and skipped"
+    return f"no training text: {source} holds {counters['documents']} documents, all empty; nothing was written"
+
+
+# TokenizerTrainConfig field -> how the command line spells it (for error messages)
+_FLAG_NAMES = {"inputs": "--input", "output": "--out"}
+
+
 def _train_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmstack tokenizer train", description="Train a tokenizer and save it "
                                      "as a Hugging Face tokenizer directory.", argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML file with TokenizerTrainConfig keys; flags override it")
-    parser.add_argument("--kind", help=f"one of {', '.join(KINDS)} (default bpe)")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary size including special tokens (default 8192; "
-                        "char: all characters unless given)")
+    parser.add_argument("--config", help="YAML file with TokenizerTrainConfig fields (inputs, vocab_size, output, "
+                        "...); flags override it")
+    parser.add_argument("--kind", choices=KINDS, help="tokenizer model (default bpe)")
+    parser.add_argument("--vocab-size", type=positive_int, help="vocabulary size including special tokens (default "
+                        "8192; char: all characters unless given)")
     parser.add_argument("--input", dest="inputs", nargs="+", help="text/markdown/JSONL/Parquet files (or .gz), "
                         "directories (recursive) or globs")
     parser.add_argument("--corpus", help="a built-in corpus, e.g. builtin:python-docs")
-    parser.add_argument("--output", help="directory to write tokenizer.json, tokenizer_config.json, ...")
-    parser.add_argument("--min-frequency", type=int, help="minimum count of a merge/character (bpe, wordpiece "
-                        "default 2; char default 1)")
+    add_out(parser, "--output", dest="output", help="directory to write tokenizer.json, tokenizer_config.json, ...")
+    parser.add_argument("--min-frequency", type=positive_int, help="minimum count of a merge/character (bpe, "
+                        "wordpiece default 2; char default 1)")
     parser.add_argument("--special-tokens", nargs="+", help="ROLE=TOKEN to set a role (bos, eos, pad, unk, cls, "
                         "sep, mask), ROLE= to drop it, or TOKEN to add an extra special token")
-    parser.add_argument("--chat-template", help="default | chatml | llama3 | none | PATH to a Jinja file")
+    parser.add_argument("--chat-template", metavar="{default,chatml,llama3,none,PATH}",
+                        help="built-in template name, none, or a Jinja file (default: chatml for bpe/unigram)")
     parser.add_argument("--text-field", help="JSONL key / Parquet column with the text (default text)")
-    parser.add_argument("--format", help="auto | text | jsonl | parquet (default auto: by file suffix)")
+    parser.add_argument("--format", choices=["auto", "text", "jsonl", "parquet"],
+                        help="input format (default auto: by file suffix)")
     parser.add_argument("--strict", action="store_true", help="fail on a malformed JSONL line instead of "
                         "skipping it")
+    parser.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     args = vars(parser.parse_args(argv))
-    data = load_yaml(args.pop("config")) if "config" in args else {}
-    data.update(args)
+    show = args.pop("print_config", False)
+    path = args.pop("config", None)
+    file_data = load_yaml(path) if path is not None else {}
+    data = {**file_data, **args}
     if "output" not in data:
-        parser.error("--output is required")
-    train_from_config(from_dict(TokenizerTrainConfig, data))
+        parser.error("--out is required")
+    flags = {key: _FLAG_NAMES.get(key, "--" + key.replace("_", "-")) for key in args}
+    config = from_sources(TokenizerTrainConfig, data, path=path, file_data=file_data, flags=flags)
+    if show:
+        return print_config(config)
+    train_from_config(config)
     return 0
 
 
@@ -140,8 +169,8 @@ def _encode_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per text")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
-    for text in args.text:
-        text = sys.stdin.read() if text == "-" else text
+    for i, text in enumerate(args.text, 1):
+        text = read_stdin() if text == "-" else text_arg(text, f"text argument {i}")
         encoding = tokenizer.backend.encode(text, add_special_tokens=args.special)
         if args.json:
             print(json.dumps({"ids": encoding.ids, "tokens": encoding.tokens}, ensure_ascii=False))
@@ -155,7 +184,7 @@ def _encode_main(argv: list[str]) -> int:
 def _decode_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmstack tokenizer decode", description="Print the text of token ids.")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    parser.add_argument("ids", nargs="+", type=int, help="token ids")
+    parser.add_argument("ids", nargs="+", type=integer, help="token ids")
     parser.add_argument("--skip-special", action="store_true", help="drop special tokens from the text")
     args = parser.parse_args(argv)
     print(load_tokenizer(args.tokenizer).decode(args.ids, skip_special_tokens=args.skip_special))

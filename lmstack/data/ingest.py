@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from lmstack.errors import DataError
+from lmstack.schema import json_error
 
 Format = Literal["auto", "text", "jsonl", "parquet"]
 TextUnit = Literal["file", "paragraph", "line"]
@@ -194,7 +195,7 @@ def read_jsonl(path: Path, text_field: str, strict: bool, stats: IngestStats) ->
             try:
                 record = json.loads(decode_utf8(raw_line, stats))
             except json.JSONDecodeError as e:
-                _skip(stats, "malformed_lines", f"{where}: malformed JSON ({e.msg} at column {e.colno})", strict)
+                _skip(stats, "malformed_lines", f"{where}: malformed JSON ({json_error(e)})", strict)
                 continue
             value: object = record
             for key in keys:

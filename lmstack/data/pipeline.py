@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.atomic import ensure_parent_writable, replace_directory
+from lmstack.atomic import cannot_write, ensure_parent_writable, replace_directory
 from lmstack.data import pack
 from lmstack.data.builtin import python_docs_fingerprint, read_builtin
 from lmstack.data.clean import QualityConfig, QualityFilter, normalize
@@ -45,6 +45,12 @@ from lmstack.errors import DataError
 from lmstack.tokenizer import Tokenizer, train_tokenizer
 
 WORK_SUFFIX = ".lmstack-partial"
+NO_VALIDATION = ("lmstack data: warning: no validation split (--val-fraction 0): `lmstack pretrain` on this "
+                 "data trains without evaluation")
+
+
+class EmptyValidationSplit(DataError):
+    """--val-fraction asked for a validation split, but the data is too small to give it any text."""
 BATCH_CHARS = 1 << 18  # characters per worker task in stage 1: amortises IPC, yet many tasks per MB
 
 
@@ -76,7 +82,7 @@ class PrepareConfig:
         if bool(self.tokenizer) == bool(self.train_tokenizer):
             raise DataError("give either --tokenizer DIR or --train-tokenizer KIND:VOCAB (exactly one)")
         if not self.output:
-            raise DataError("--output is required")
+            raise DataError("--out is required (the output directory)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_chars <= 0 or self.workers < 0:
@@ -268,6 +274,15 @@ def run_stage1(cfg: PrepareConfig, work: Path) -> Stage1Stats:
         raise DataError(f"no documents left after cleaning and dedup: {ingest.documents} read, "
                            f"dropped by filters {dict(filtered)}, exact duplicates {exact_dups}, "
                            f"near duplicates {near_dups}; relax the filters (--quality.RULE=null) or use --no-clean")
+    if cfg.split == "document" and cfg.val_fraction > 0 and writers["val"].num_documents == 0:
+        n = len(locations)
+        raise EmptyValidationSplit(
+            f"the validation split is empty: {n} document{'s' if n > 1 else ''} kept, and --val-fraction "
+            f"{cfg.val_fraction:g} of {n} rounds to 0 (a later `lmstack pretrain` could not evaluate); use --split "
+            f"tail (the last {cfg.val_fraction:g} of the token stream)"
+            + (f", a --val-fraction of at least {1 / n:.3g}" if n > 1 else "")
+            + (", --text-unit paragraph for more documents" if cfg.text_unit == "file" and not cfg.corpus else "")
+            + ", or --val-fraction 0 for no validation split")
     return Stage1Stats(
         ingest=dataclasses.asdict(ingest), filtered=dict(filtered), exact_duplicates=exact_dups,
         near_duplicates=near_dups, near_candidates_checked=near.candidates_checked if near else 0,
@@ -396,7 +411,11 @@ def _exclusive(lock_path: Path, output: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no locking
         yield
         return
-    with open(lock_path, "w") as handle:
+    try:
+        handle = open(lock_path, "w")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise cannot_write(output, e) from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -434,6 +453,12 @@ def _run(cfg: PrepareConfig, output: Path) -> dict:
     else:
         train_index = pack.publish_shards(work / "shards" / "train", metas["train"], final / "train", header)
         val_index = pack.publish_shards(work / "shards" / "val", metas["val"], final / "val", header)
+    if cfg.val_fraction > 0 and val_index["num_tokens"] == 0:
+        raise EmptyValidationSplit(f"the validation split is empty: the last {cfg.val_fraction:g} of "
+                                   f"{train_index['num_tokens']} tokens is less than one token; raise --val-fraction "
+                                   "or give more text (or --val-fraction 0 for no validation split)")
+    if cfg.val_fraction == 0:
+        print(NO_VALIDATION, file=sys.stderr)
     shutil.copytree(work / "tokenizer", final / "tokenizer")
     all_metas = [m for ms in metas.values() for m in ms]
     report = build_report(cfg, stage1, all_metas, train_index, val_index, header,

@@ -7,6 +7,7 @@ directory renamed into place at the end: a crash leaves either the old directory
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmstack.atomic import atomic_dir
@@ -30,6 +31,18 @@ from lmstack.schema import read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def _open_weights(file: Path) -> Iterator[Any]:
+    """safe_open; a file that is not readable safetensors (a copy or a save cut short) is one CheckpointError
+    naming it, since safetensors' own message names no file."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e}); copy or save "
+                              "it again") from None
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 # Tensors some checkpoints carry that hold no learned weights (old GPT-2 mask buffers, RoPE caches).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -135,7 +148,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / SINGLE_FILE
     if single.exists():
-        with safe_open(single, framework="pt") as f:
+        with _open_weights(single) as f:
             return {name: single for name in f.keys()}
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise CheckpointError(f"{directory}: only pickle weights (*.bin / *.pt) found; lmstack reads safetensors "
@@ -158,7 +171,7 @@ def _read_tensors(directory: Path, config: ModelConfig) -> dict[str, torch.Tenso
     for file, names in by_file.items():
         if not file.exists():
             raise CheckpointError(f"{file}: listed in {INDEX_FILE} but missing")
-        with safe_open(file, framework="pt") as f:
+        with _open_weights(file) as f:
             for hf_name in names:
                 if hf_name.endswith(_IGNORED_SUFFIXES):
                     continue

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -116,8 +116,12 @@ def load_quantized(directory: str | Path, hf: dict, device: torch.device | str |
     file = directory / WEIGHTS
     if not file.exists():
         raise CheckpointError(f"{directory}: no {WEIGHTS}")
-    with safe_open(file, framework="pt") as f:
-        state = {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        with safe_open(file, framework="pt") as f:
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:  # its message names no file
+        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e}); copy or save "
+                              "it again") from None
     expected = model.state_dict()
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = sorted(set(expected) - set(state) - tied)

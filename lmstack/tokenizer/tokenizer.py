@@ -17,6 +17,7 @@ import tokenizers
 
 from lmstack.atomic import atomic_dir, write_text
 from lmstack.errors import TokenizerError
+from lmstack.schema import json_error, read_text
 from lmstack.tokenizer import chat_template as templates
 from lmstack.tokenizer.special import ROLES, SpecialTokens
 
@@ -47,7 +48,7 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerError(f"{directory}: no tokenizer.json (lmstack reads the `tokenizers` format; convert "
                                  "a vocab.txt / tokenizer.model-only tokenizer with transformers first)")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, TokenizerError)
         _read_json_text(text, path)  # a JSON syntax error is reported with its line and column
         try:
             backend = tokenizers.Tokenizer.from_str(text)
@@ -253,14 +254,14 @@ def _read_json_text(text: str, path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: corrupt JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise TokenizerError(f"{path}:{e.lineno}: corrupt JSON ({json_error(e)})") from None
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """An optional JSON object file: {} when absent."""
     if not path.is_file():
         return {}
-    value = _read_json_text(path.read_text(encoding="utf-8"), path)
+    value = _read_json_text(read_text(path, TokenizerError), path)
     if not isinstance(value, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -278,7 +279,7 @@ def _token_content(value: Any, where: str) -> str | None:
 def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
     jinja = directory / "chat_template.jinja"  # where transformers >= 4.43 saves it
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        return read_text(jinja, TokenizerError)
     value = config.get("chat_template")
     if isinstance(value, list):  # named templates: [{"name": "default", "template": "..."}, ...]
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}

@@ -8,6 +8,7 @@
         optimizer.json          the rest of the optimizer state_dict: param groups, non-tensor entries
         trainer_state.json      step, tokens seen, best validation loss, data position, seed, the run config
     OUT/checkpoints/best.json   which checkpoint has the best validation loss
+    OUT/checkpoints/latest, best   symlinks to the newest and the best checkpoint (where the OS has them)
 
 No pickle: the optimizer state_dict is flattened into named tensors plus a JSON skeleton. Each
 checkpoint directory is written atomically (temporary directory, then one rename), so a kill -9 at
@@ -17,7 +18,9 @@ functions of the step, so the step is all the scheduler and data-position state 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -193,11 +197,32 @@ def load_checkpoint(path: str | Path, store: ModelStore | None = None) -> Checkp
     for name in (TRAINER_STATE, OPTIMIZER_TENSORS, OPTIMIZER_SKELETON):
         if not (path / name).exists():
             raise CheckpointError(f"{path / name}: not found; {path} is not a complete lmstack training checkpoint")
-    model_state = (store or WholeModel()).read(path)
+    try:
+        model_state = (store or WholeModel()).read(path)
+        optimizer_tensors = load_file(path / OPTIMIZER_TENSORS)
+    except SafetensorError as e:
+        raise unreadable_weights(path, e) from None
     skeleton = read_json(path / OPTIMIZER_SKELETON, CheckpointError)
     trainer_state = read_json(path / TRAINER_STATE, CheckpointError)
-    optimizer_state = unflatten_optimizer_state(load_file(path / OPTIMIZER_TENSORS), skeleton)
+    optimizer_state = unflatten_optimizer_state(optimizer_tensors, skeleton)
     return Checkpoint(path, model_state, optimizer_state, trainer_state)
+
+
+def unreadable_weights(directory: str | Path, error: Exception) -> CheckpointError:
+    """A SafetensorError met reading `directory` -> one CheckpointError naming the broken file (the
+    safetensors message names none): typically a copy or a save cut short."""
+    directory = Path(directory)
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            error = e
+            break
+    else:
+        file = directory
+    return CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({error}); copy or save "
+                           "it again, or use another checkpoint")
 
 
 # ------------------------------------------------------------------------------- the checkpoints folder
@@ -229,6 +254,21 @@ def best_checkpoint(root: str | Path) -> Path | None:
         return None
     path = Path(root) / json.loads(file.read_text(encoding="utf-8"))["checkpoint"]
     return path if path.exists() else None
+
+
+def update_links(root: str | Path) -> None:
+    """Point root/latest and root/best at the newest and the best checkpoint (relative symlinks, each replaced
+    in one rename), so `lmstack chat --model OUT/checkpoints/latest` needs no step number. Where the OS has no
+    symlinks, nothing is linked (best.json still names the best)."""
+    root = Path(root)
+    for name, target in (("latest", latest_checkpoint(root)), ("best", best_checkpoint(root))):
+        if target is None:
+            continue
+        tmp = root / f".{name}.tmp-{os.getpid()}"
+        with contextlib.suppress(OSError, NotImplementedError):
+            tmp.unlink(missing_ok=True)
+            os.symlink(target.name, tmp, target_is_directory=True)
+            os.replace(tmp, root / name)
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:

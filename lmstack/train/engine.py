@@ -351,6 +351,7 @@ class Engine:
             if is_best:
                 ckpt.record_best(root, path, val_loss, step)
             ckpt.prune_checkpoints(root, self.cfg.keep_last)
+            ckpt.update_links(root)
         if self.dist.enabled:
             torch_dist.barrier()
         return path

@@ -171,7 +171,7 @@ def test_bad_inputs_fail_with_one_message_and_leave_nothing(tmp_path: Path, caps
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for argv, message in [
-        (["--input", str(short), "--train-tokenizer", "bpe:300", "-o", str(blocker / "out")], "cannot create"),
+        (["--input", str(short), "--train-tokenizer", "bpe:300", "-o", str(blocker / "out")], "is a file, not a directory"),
         (["--input", str(short), "--train-tokenizer", "bpe:300", "-o", str(blocker)], "already exists"),
         (["--input", str(tmp_path / "nope.txt"), "--train-tokenizer", "bpe:300", "-o", str(out)], "no such file"),
         (["--input", str(short), "-o", str(out)], "--tokenizer DIR or --train-tokenizer"),
@@ -192,7 +192,8 @@ def test_a_second_prepare_into_the_same_output_is_refused(tmp_path: Path) -> Non
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(DataError, match="another `lmstack data prepare` is writing it"):
             prepare(config(inputs=[str(tmp_path / "a.txt")], train_tokenizer="char", output=str(out)))
-    prepare(config(inputs=[str(tmp_path / "a.txt")], train_tokenizer="char", output=str(out), workers=0))
+    prepare(config(inputs=[str(tmp_path / "a.txt")], train_tokenizer="char", output=str(out), workers=0,
+                   val_fraction=0))  # one document: no validation split (else an error)
     assert (out / "train" / "index.json").exists() and not (tmp_path / ".out.lmstack-lock").exists()
 
 

@@ -57,6 +57,12 @@ def test_quickstart_end_to_end_on_real_text(shared_data, tmp_path):
         assert (model(ids) - reference(ids).logits).abs().max().item() < 1e-4
     assert transformers.AutoTokenizer.from_pretrained(out).vocab_size > 256
 
+    # The command quickstart ends with chats: its default reply budget is fitted to the model's context.
+    chat = subprocess.run([sys.executable, "-m", "lmstack", "chat", "--model", str(out)], input="hi\nhello again\n",
+                          capture_output=True, text=True, timeout=600)
+    assert chat.returncode == 0, chat.stderr
+    assert "too long" not in chat.stdout and f"context is {model.config.max_seq_len} tokens" in chat.stderr
+
     # Running it again resumes: nothing is prepared or trained twice.
     before = (out / "run/metrics.jsonl").read_text()
     assert main(args) == 0

@@ -15,14 +15,14 @@ import torch
 import yaml
 from torch import nn
 
-from lmstack.atomic import write_text
+from lmstack.atomic import make_output_dir, write_text
 from lmstack.config import PRESETS, ModelConfig
 from lmstack.data.loader import PretrainBatches, TokenStream, validation_batches
 from lmstack.device import resolve_device, resolve_precision
-from lmstack.errors import ConfigError
+from lmstack.errors import ConfigError, DataError
 from lmstack.model.protocol import unwrap
 from lmstack.model.transformer import Transformer
-from lmstack.schema import from_dict, to_dict
+from lmstack.schema import from_dict, read_json, to_dict
 from lmstack.train.checkpoint import WholeModel, latest_checkpoint, list_checkpoints
 from lmstack.train.config import PretrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
@@ -84,7 +84,9 @@ def build_parts(cfg: PretrainConfig, dist: DistContext | None = None
         raise ConfigError("data.path is required: a directory written by `lmstack data prepare`")
     data_dir, t = Path(cfg.data.path), cfg.train
     train_stream = TokenStream(data_dir / "train")
-    val_stream = TokenStream(data_dir / "val") if (data_dir / "val" / "index.json").exists() else None
+    val_index = data_dir / "val" / "index.json"  # absent or empty (--val-fraction 0): train without evaluation
+    has_val = val_index.exists() and read_json(val_index, DataError).get("num_tokens", 1) > 0
+    val_stream = TokenStream(data_dir / "val") if has_val else None
     model_config = build_model_config(cfg.model, train_stream.info.vocab_size, train_stream.info.eos_token_id)
     if t.seq_len > model_config.max_seq_len:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({model_config.max_seq_len})")
@@ -128,7 +130,7 @@ def build_engine(cfg: PretrainConfig, resume: bool = False, dist: DistContext | 
         apply_qat(model, cfg.qat)
     run_config = to_dict(cfg)
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out_dir)
         write_text(out_dir / "config.yaml", yaml.safe_dump({**run_config, "model": model.config.to_dict()},
                                                           sort_keys=False))
         print(f"lmstack pretrain: {model.num_parameters():,} parameters, {batches.tokens_per_step:,} tokens/step, "
