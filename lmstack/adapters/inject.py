@@ -18,14 +18,18 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from lmstack.adapters.bottleneck import BottleneckAdapter
 from lmstack.adapters.config import LoraConfig
+from lmstack.adapters.ia3 import IA3Linear
 from lmstack.adapters.lora import LoraLinear
 from lmstack.adapters.modules import ModulesToSave, TrainableTokens
 from lmstack.adapters.names import hf_module
+from lmstack.adapters.prompt import KVPrefix
 from lmstack.errors import ConfigError
 
-ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save", "trainable_tokens_delta")
-WRAPPERS = (LoraLinear, ModulesToSave, TrainableTokens)
+ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save", "trainable_tokens_delta", "ia3_l",
+                  "adapter_down", "adapter_up", "kv_prefix")
+WRAPPERS = (LoraLinear, ModulesToSave, TrainableTokens, IA3Linear, BottleneckAdapter, KVPrefix)
 
 
 def is_adapter_parameter(name: str) -> bool:
@@ -135,8 +139,9 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Replace every wrapper by a plain module with the adapter folded in (LoRA merged, trained rows and
-    modules written in): the model is then an ordinary Transformer that `save_model` writes as is."""
+    """Replace every wrapper by a plain module with the adapter folded in (LoRA and IA3 merged, trained rows and
+    modules written in): the model is then an ordinary Transformer that `save_model` writes as is. Bottleneck
+    adapters and prompt / prefix tuning have nothing to fold into: they stay (frozen)."""
     for name, module in list(adapters(model)):
         if isinstance(module, LoraLinear):
             set_module(model, name, module.merged_linear())
@@ -144,6 +149,9 @@ def unload(model: nn.Module) -> nn.Module:
             set_module(model, name, module.modules_to_save)
         elif isinstance(module, TrainableTokens):
             set_module(model, name, module.merged_layer())
+        elif isinstance(module, IA3Linear):
+            set_module(model, name, module.merged_linear())
+        # bottleneck adapters and a kv_prefix (prompt / prefix tuning) cannot be folded into weights: they stay
     if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         model.config.tie_word_embeddings = False  # e.g. modules_to_save trained a copy of one side only
     for param in model.parameters():
