@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmstack.adapters.bottleneck import PEFT_TYPE as BOTTLENECK, BottleneckAdapter
+from lmstack.adapters.bottleneck import PEFT_TYPE as BOTTLENECK
+from lmstack.adapters.bottleneck import BottleneckAdapter
 from lmstack.adapters.ia3 import IA3Linear
 from lmstack.adapters.lora import LoraLinear
 from lmstack.adapters.names import fused_conv1d, hf_module, lmstack_modules

@@ -199,8 +199,7 @@ def main(argv: list[str]) -> int:
 
 
 def _write_jsonl(f: TextIO, records: list[dict[str, Any]]) -> None:
-    for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
 def _print_stats(out: GenerationOutput, compiled_now: bool = False) -> None:

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lmstack.model.head_loss as head_loss
 from lmstack.config import ModelConfig
-from lmstack.model import Transformer
+from lmstack.model import Transformer, head_loss
 from lmstack.train.objectives import causal_lm_loss, cross_entropy
 
 

@@ -15,7 +15,6 @@ from lmstack.train.metrics import read_metrics
 
 from .conftest import write_split
 
-
 STEPS = 10
 
 
