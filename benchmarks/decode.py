@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from timing import best_seconds  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 import lmstack
 from lmstack.config import ModelConfig
+from timing import best_seconds  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 CONFIG = dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376,
               max_seq_len=1024, tie_word_embeddings=True)
@@ -59,7 +59,7 @@ def copy_bandwidth(repeats: int = 10) -> float:
 def lmstack_run(model: lmstack.Transformer, ids: torch.Tensor, compile: bool, repeats: int) -> dict[str, float]:
     """Best end-to-end tokens/s over `repeats`, with that run's prefill time and decode tokens/s, and the
     warm-up call's time (which includes compiling, when on)."""
-    run = lambda: lmstack.generate(model, None, ids, max_new_tokens=NEW, ignore_eos=True, compile=compile)
+    run = lambda: lmstack.generate(model, None, ids, max_new_tokens=NEW, ignore_eos=True, compile=compile)  # noqa: E731
     start = time.perf_counter()
     run()  # warm-up (and compilation)
     first_call_s = time.perf_counter() - start

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from decode import machine  # benchmarks/decode.py (the script's own directory is on sys.path)
 
 import lmstack
 from lmstack.config import ModelConfig
+from decode import machine  # benchmarks/decode.py (the script's own directory is on sys.path)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare"
 

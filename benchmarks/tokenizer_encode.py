@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from timing import best_seconds  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 from lmstack.tokenizer import load_tokenizer, train_tokenizer
+from timing import best_seconds  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg_nltk"
 

@@ -8,10 +8,10 @@ Public API:
 """
 
 from lmstack.config import PRESETS, ModelConfig, preset
-from lmstack.generate.api import generate  # after the subpackage import: lmstack.generate is the function
 from lmstack.interop.hf import load_model, save_model
 from lmstack.model.transformer import Transformer
+from lmstack.generate.api import generate  # after the subpackage import: lmstack.generate is the function
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "ModelConfig", "Transformer", "__version__", "generate", "load_model", "preset", "save_model"]
+__all__ = ["PRESETS", "ModelConfig", "Transformer", "generate", "load_model", "preset", "save_model", "__version__"]

@@ -122,7 +122,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`--a.b=value` or `a.b=value` -> (["a", "b"], value), the value parsed as YAML (so 3, 1e-3, true, [1,2])."""
-    body = text.removeprefix("--")
+    body = text[2:] if text.startswith("--") else text
     if "=" not in body:
         raise ConfigError(f"override {text!r}: expected --key=value")
     key, raw = body.split("=", 1)

@@ -199,7 +199,8 @@ def main(argv: list[str]) -> int:
 
 
 def _write_jsonl(f: TextIO, records: list[dict[str, Any]]) -> None:
-    f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    for record in records:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _print_stats(out: GenerationOutput, compiled_now: bool = False) -> None:

@@ -87,11 +87,11 @@ class GenerationConfig:
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-    def replace(self, **changes: Any) -> GenerationConfig:
+    def replace(self, **changes: Any) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
         """Build from a mapping; an unknown key or a wrong type fails with the key's name."""
         return from_dict(cls, data)
 

@@ -147,7 +147,7 @@ class NF4Weight:
         return self.nbytes() / self.numel
 
     def to(self, device: torch.device | str) -> NF4Weight:
-        move = (lambda t: None if t is None else t.to(device))
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return NF4Weight(self.packed.to(device), self.absmax.to(device), self.shape, self.block_size,
                          self.quant_type, self.dtype, move(self.dq_absmax), move(self.dq_offset))
 

@@ -45,15 +45,8 @@ from lmstack.errors import TrainingError
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from lmstack.train.device import keep_freed_cpu_memory, peak_flops
-from lmstack.train.distributed import (
-    DistContext,
-    all_reduce_sum,
-    as_local_tensor,
-    full_optimizer_state,
-    gradient_sync,
-    load_full_optimizer_state,
-    wrap_model,
-)
+from lmstack.train.distributed import (DistContext, all_reduce_sum, as_local_tensor, full_optimizer_state,
+                                      gradient_sync, load_full_optimizer_state, wrap_model)
 from lmstack.train.metrics import MetricsLog, mfu
 from lmstack.train.objectives.loss import Loss
 from lmstack.train.optim import build_optimizer, parameter_groups

@@ -8,14 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lmstack.data.clean import (
-    QualityConfig,
-    QualityFilter,
-    _word_ids,
-    duplicate_ngram_char_fraction,
-    normalize,
-    top_ngram_char_fraction,
-)
+from lmstack.data.clean import (QualityConfig, QualityFilter, _word_ids, duplicate_ngram_char_fraction, normalize,
+                                top_ngram_char_fraction)
 
 PROSE = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
          "want of a wife. However little known the feelings or views of such a man may be on his first entering "

@@ -7,15 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from lmstack.data.dedup import (
-    DedupConfig,
-    MinHasher,
-    NearDuplicateIndex,
-    choose_bands,
-    exact_key,
-    jaccard,
-    shingle_hashes,
-)
+from lmstack.data.dedup import (DedupConfig, MinHasher, NearDuplicateIndex, choose_bands, exact_key, jaccard,
+                                shingle_hashes)
 
 
 def _reference_jaccard(a: str, b: str, n: int = 5) -> float:

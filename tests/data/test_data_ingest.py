@@ -34,7 +34,7 @@ def test_gzip_is_detected_by_content_and_suffix_names_the_format(tmp_path: Path)
     with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     # a gzip file whose name does not say so is still gunzipped (the content decides)
-    (tmp_path / "plain.txt").write_bytes(gzip.compress(b"hello gzip"))
+    (tmp_path / "plain.txt").write_bytes(gzip.compress("hello gzip".encode()))
     assert _read([tmp_path / "d.jsonl.gz"])[0] == ["alpha", "beta"]
     assert _read([tmp_path / "plain.txt"])[0] == ["hello gzip"]
 

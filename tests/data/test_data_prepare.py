@@ -18,7 +18,9 @@ from lmstack.data.pipeline import PrepareConfig, prepare, work_dir_for
 from lmstack.errors import DataError
 from lmstack.schema import from_dict
 
-WORDS = ["time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part", "child", "eye", "woman", "place", "work", "week", "case", "point", "government", "company", "number", "group", "problem", "fact", "river", "garden", "window", "letter", "morning", "evening", "question", "answer", "story", "mountain", "village", "harbour", "winter", "summer", "captain", "doctor", "family", "friend", "silence"]
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
+         "government company number group problem fact river garden window letter morning evening question "
+         "answer story mountain village harbour winter summer captain doctor family friend silence").split()
 
 
 def make_doc(rng: random.Random, sentences: int = 8) -> str:

@@ -17,7 +17,6 @@ import tokenizers
 from lmstack.data.pipeline import PrepareConfig, prepare, work_dir_for
 from lmstack.schema import from_dict
 from lmstack.tokenizer import train_tokenizer
-
 from .test_data_prepare import make_doc, read_split
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,12 +14,8 @@ LOGITS = torch.tensor([2.0, 1.5, 1.4, 1.0, 0.7, 0.5, 0.0, -0.3, -0.5, -1.0, -2.0
 
 def _reference_probs(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """The filtered softmax as transformers computes it (its warpers, in its order)."""
-    from transformers.generation.logits_process import (
-        MinPLogitsWarper,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
 
     scores = LOGITS[None].clone()
     warpers = [TemperatureLogitsWarper(temperature)]
@@ -76,7 +72,7 @@ def test_filters_keep_exactly_the_reference_support():
 
 def test_seeded_sampling_is_reproducible():
     logits = torch.randn(4, 50)
-    draw = lambda seed: sample_from_logits(logits.repeat(64, 1), torch.Generator().manual_seed(seed))
+    draw = lambda seed: sample_from_logits(logits.repeat(64, 1), torch.Generator().manual_seed(seed))  # noqa: E731
     assert torch.equal(draw(7), draw(7))
     assert not torch.equal(draw(7), draw(8))
 

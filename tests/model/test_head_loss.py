@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lmstack.model.head_loss as head_loss
 from lmstack.config import ModelConfig
-from lmstack.model import Transformer, head_loss
+from lmstack.model import Transformer
 from lmstack.train.objectives import causal_lm_loss, cross_entropy
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lmstack
-from lmstack.model import linear
+import lmstack.model.linear as linear
 from lmstack.train.objectives import causal_lm_loss
 from tests.parity.hf_models import build_hf_model
 

@@ -15,6 +15,7 @@ from lmstack.train.metrics import read_metrics
 
 from .conftest import write_split
 
+
 STEPS = 10
 
 
