@@ -244,6 +244,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     where = directory / WEIGHTS_FILE
     check_tensors_match(fields["peft_type"], tensors, where)
     if fields["peft_type"] != "LORA":
+        vocab = _tokenizer_vocab(directory)  # rows the run added for new tokens (mean-initialised, untrained)
+        if vocab > model.config.vocab_size:
+            resize_vocab(model, vocab)
         load_method_adapter(model, fields, tensors, where)
         for name, param in model.named_parameters():
             param.requires_grad_(is_adapter_parameter(name))
@@ -297,6 +300,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
     return model
+
+
+def _tokenizer_vocab(directory: Path) -> int:
+    """The vocabulary of the tokenizer saved beside an adapter (0 when there is none)."""
+    if not (directory / "tokenizer.json").is_file():
+        return 0
+    from tokenizers import Tokenizer as Backend
+    return Backend.from_file(str(directory / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:

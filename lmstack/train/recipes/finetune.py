@@ -4,6 +4,8 @@
             lora    LoRA adapters (lmstack.adapters); checkpoints are peft adapter directories
             dora    the same with DoRA's magnitude
             qlora   LoRA on a base whose linears are stored as NF4 (4-bit NormalFloat, double-quantized scales)
+            prompt, p_tuning, prefix, ia3, bottleneck   the other parameter-efficient methods (lmstack.adapters),
+                    each configured by its own section (prompt_tuning:, p_tuning:, prefix_tuning:, ia3:, bottleneck:)
 
 Written under out_dir: config.yaml (resolved), data_report.json, tokenizer/ (with any chat markers the
 base lacked), metrics.jsonl, loss.png and checkpoints/step-N/ (each loadable as it is: by transformers for
@@ -24,7 +26,22 @@ import torch
 import yaml
 from torch import nn
 
-from lmstack.adapters import AdapterStore, LoraConfig, apply_lora, resize_vocab
+from lmstack.adapters import (
+    AdapterStore,
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+    apply_bottleneck,
+    apply_ia3,
+    apply_lora,
+    apply_p_tuning,
+    apply_prefix_tuning,
+    apply_prompt_tuning,
+    resize_vocab,
+)
 from lmstack.atomic import write_text
 from lmstack.data import instruct_tasks
 from lmstack.data.sft import SFTBatches, SFTDataConfig, encode_records, read_records, validation_batches
@@ -41,7 +58,7 @@ from lmstack.train.distributed import DistContext, init_distributed, shutdown_di
 from lmstack.train.engine import Engine, TrainResult
 from lmstack.train.objectives.sft import sft_loss
 
-Method = Literal["full", "lora", "dora", "qlora"]
+Method = Literal["full", "lora", "dora", "qlora", "prompt", "p_tuning", "prefix", "ia3", "bottleneck"]
 
 
 @dataclass
@@ -59,6 +76,11 @@ class FinetuneConfig:
     tokenizer: str | None = None
     method: Method = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
+    p_tuning: PTuningConfig = field(default_factory=PTuningConfig)
+    prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)
+    ia3: IA3Config = field(default_factory=IA3Config)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     epochs: float | None = None
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
@@ -98,6 +120,13 @@ def prepare_model(cfg: FinetuneConfig, tokenizer: Tokenizer) -> tuple[nn.Module,
     new_ids = list(range(old, model.config.vocab_size))
     if cfg.method == "full":
         model.requires_grad_(True)
+        return model, new_ids
+    others = {"prompt": lambda: apply_prompt_tuning(model, cfg.prompt_tuning, tokenizer),
+              "p_tuning": lambda: apply_p_tuning(model, cfg.p_tuning),
+              "prefix": lambda: apply_prefix_tuning(model, cfg.prefix_tuning),
+              "ia3": lambda: apply_ia3(model, cfg.ia3), "bottleneck": lambda: apply_bottleneck(model, cfg.bottleneck)}
+    if cfg.method in others:  # new tokens' rows keep their mean init (these methods train no rows)
+        others[cfg.method]()
         return model, new_ids
     lora = replace(cfg.lora, use_dora=cfg.lora.use_dora or cfg.method == "dora")
     learns_rows = any(m.endswith(("embed_tokens", "lm_head", "wte")) for m in lora.modules_to_save)
