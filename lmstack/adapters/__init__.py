@@ -19,11 +19,13 @@
     model = lmstack.load_model("base-dir", adapter="out/adapter")
 """
 
-from lmstack.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, apply_bottleneck
+from lmstack.adapters.bottleneck import BottleneckAdapter, BottleneckConfig
 from lmstack.adapters.config import LoraConfig
-from lmstack.adapters.ia3 import IA3Config, IA3Linear, apply_ia3
+from lmstack.adapters.ia3 import IA3Config, IA3Linear
 from lmstack.adapters.inject import (
                                      adapters,
+                                     apply_bottleneck,
+                                     apply_ia3,
                                      apply_lora,
                                      disable_adapters,
                                      has_adapters,

@@ -1,6 +1,6 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021): a small residual MLP after a sublayer.
 
-    BottleneckConfig / apply_bottleneck / BottleneckAdapter
+    BottleneckConfig, BottleneckAdapter (lmstack.adapters.inject.apply_bottleneck puts them in)
 
     h = sublayer(x);  h + up(act(down(h)))        down: d -> m, up: m -> d (zero at init: the base model)
 
@@ -26,7 +26,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 
 PEFT_TYPE = "LMSTACK_BOTTLENECK"
-_PLACES = {"houlsby": ("self_attn.o_proj", "mlp.down_proj"), "pfeiffer": ("mlp.down_proj",)}
+PLACES = {"houlsby": ("self_attn.o_proj", "mlp.down_proj"), "pfeiffer": ("mlp.down_proj",)}
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -78,22 +78,4 @@ class BottleneckAdapter(nn.Module):
         return h + self.adapter_up(self.act(self.adapter_down(h)))
 
 
-def bottleneck_targets(model: nn.Module, placement: str) -> list[str]:
-    return [f"model.layers.{i}.{leaf}" for i in range(len(model.model.layers)) for leaf in _PLACES[placement]]
-
-
-def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig) -> list[str]:
-    """Wrap the placement's output projections in BottleneckAdapter; freeze everything else -> their names."""
-    from lmstack.adapters.inject import set_module
-
-    size = cfg.size(model.config.hidden_size)
-    names = bottleneck_targets(model, cfg.placement)
-    for name in names:
-        set_module(model, name, BottleneckAdapter(model.get_submodule(name), size, cfg.non_linearity))
-    model.requires_grad_(False)
-    for name, param in model.named_parameters():
-        param.requires_grad_(".adapter_down." in name or ".adapter_up." in name)
-    return names
-
-
-__all__ = ["PEFT_TYPE", "BottleneckAdapter", "BottleneckConfig", "apply_bottleneck", "bottleneck_targets"]
+__all__ = ["PEFT_TYPE", "PLACES", "BottleneckAdapter", "BottleneckConfig"]

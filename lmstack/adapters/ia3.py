@@ -1,6 +1,6 @@
 """IA3 (Liu et al. 2022, peft's IA3): learned vectors that rescale keys, values and the MLP's intermediate activation.
 
-    IA3Config / apply_ia3 / IA3Linear
+    IA3Config, IA3Linear (lmstack.adapters.inject.apply_ia3 puts them in)
 
 A target linear's output is multiplied by a vector l (out,), or, for a feed-forward module (the MLP's output
 projection), its input is: y = W (l * x). The vectors start at one, so training starts from the base model.
@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from lmstack.adapters.lora import dense_weight
-from lmstack.errors import ConfigError
 from lmstack.model.linear import Linear
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_...): Llama-style and GPT-2
@@ -75,31 +74,4 @@ class IA3Linear(nn.Module):
         return merged
 
 
-def _listed(names: list[str], entries: list[str]) -> bool:
-    return any(n == e or n.endswith("." + e) for n in names for e in entries)
-
-
-def apply_ia3(model: nn.Module, cfg: IA3Config) -> list[str]:
-    """Swap the target linears for IA3Linear, freeze everything else -> the adapted module names."""
-    from lmstack.adapters.inject import linear_modules, set_module
-    from lmstack.adapters.names import hf_module
-
-    config = model.config
-    targets, ff = cfg.resolved(config.family)
-    adapted = []
-    for name, module in linear_modules(model).items():
-        names = [name, hf_module(name, config)[0]]
-        if _listed(names, cfg.exclude_modules) or not _listed(names, targets):
-            continue
-        set_module(model, name, IA3Linear(module, feedforward=_listed(names, ff)))
-        adapted.append(name)
-    if not adapted:
-        raise ConfigError(f"ia3.target_modules {targets} match no linear layer of this model "
-                          "(e.g. k_proj, v_proj, down_proj)")
-    model.requires_grad_(False)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith(".ia3_l"))
-    return adapted
-
-
-__all__ = ["IA3Config", "IA3Linear", "apply_ia3"]
+__all__ = ["IA3Config", "IA3Linear"]

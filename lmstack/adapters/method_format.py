@@ -23,6 +23,7 @@ from torch import nn
 from lmstack.adapters.bottleneck import PEFT_TYPE as BOTTLENECK
 from lmstack.adapters.bottleneck import BottleneckAdapter
 from lmstack.adapters.ia3 import IA3Linear
+from lmstack.adapters.inject import set_module
 from lmstack.adapters.lora import LoraLinear
 from lmstack.adapters.names import fused_conv1d, hf_module, lmstack_modules
 from lmstack.adapters.prefix import PrefixTuning
@@ -130,8 +131,6 @@ def _ia3_tensors(model: nn.Module, values: dict, fields: dict) -> tuple[dict, di
 def load_method_adapter(model: nn.Module, fields: dict[str, Any], tensors: dict[str, torch.Tensor],
                         where: Path) -> nn.Module:
     """Apply a non-LoRA adapter read from `where` to the model, in place (its parameters trainable, the rest frozen)."""
-    from lmstack.adapters.inject import set_module
-
     kind = fields["peft_type"]
     check_tensors_match(kind, tensors, where)
     config = model.config

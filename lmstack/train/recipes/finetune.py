@@ -7,6 +7,9 @@
             prompt, p_tuning, prefix, ia3, bottleneck   the other parameter-efficient methods (lmstack.adapters),
                     each configured by its own section (prompt_tuning:, p_tuning:, prefix_tuning:, ia3:, bottleneck:)
 
+forgetting: replay of pretraining windows, EWC and L2-SP (lmstack.data.replay, lmstack.train.objectives.regularizers),
+with any method.
+
 Written under out_dir: config.yaml (resolved), data_report.json, tokenizer/ (with any chat markers the
 base lacked), metrics.jsonl, loss.png and checkpoints/step-N/ (each loadable as it is: by transformers for
 `full`, by peft / `lmstack chat --adapter` otherwise).
@@ -44,11 +47,14 @@ from lmstack.adapters import (
 )
 from lmstack.atomic import write_text
 from lmstack.data import instruct_tasks
+from lmstack.data.loader import TokenStream
+from lmstack.data.replay import ReplayBatches
 from lmstack.data.sft import SFTBatches, SFTDataConfig, encode_records, read_records, validation_batches
 from lmstack.device import resolve_device, resolve_precision
 from lmstack.errors import ConfigError
 from lmstack.interop.hf import load_model
 from lmstack.model.cost import model_cost
+from lmstack.model.protocol import unwrap
 from lmstack.schema import to_dict
 from lmstack.tokenizer import Tokenizer
 from lmstack.tokenizer.chat_template import TEMPLATE_SPECIAL_TOKENS, resolve_template
@@ -56,9 +62,37 @@ from lmstack.train.checkpoint import WholeModel, latest_checkpoint, list_checkpo
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
+from lmstack.train.objectives.regularizers import (
+    estimate_fisher,
+    ewc_penalty,
+    fingerprint,
+    l2sp_penalty,
+    load_fisher,
+    regularized,
+    save_fisher,
+)
 from lmstack.train.objectives.sft import sft_loss
 
 Method = Literal["full", "lora", "dora", "qlora", "prompt", "p_tuning", "prefix", "ia3", "bottleneck"]
+
+
+@dataclass
+class ForgettingConfig:
+    """Mitigations of catastrophic forgetting, each off by default.
+
+    replay_data: pretraining token shards (`lmstack data prepare`'s directory, or one split of it); replay_fraction
+      of each micro-batch's rows are windows of it. ewc_lambda: EWC's lambda, with the diagonal Fisher in
+      ewc_fisher (safetensors; estimated on ewc_windows windows of ewc_data, default replay_data, and written
+      there when the file does not exist). l2sp_alpha: L2-SP's alpha (alpha/2 * ||theta - theta0||^2).
+    """
+
+    replay_data: str | None = None
+    replay_fraction: float = 0.0
+    ewc_lambda: float = 0.0
+    ewc_fisher: str | None = None
+    ewc_data: str | None = None
+    ewc_windows: int = 64
+    l2sp_alpha: float = 0.0
 
 
 @dataclass
@@ -81,6 +115,7 @@ class FinetuneConfig:
     prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)
     ia3: IA3Config = field(default_factory=IA3Config)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     epochs: float | None = None
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
@@ -162,6 +197,59 @@ def load_records(cfg: SFTDataConfig) -> tuple[list, list]:
     return train, []
 
 
+# ------------------------------------------------------------------------------------------- forgetting
+def token_stream(path: str, key: str) -> TokenStream:
+    directory = Path(path)
+    if not (directory / "index.json").is_file() and (directory / "train" / "index.json").is_file():
+        directory = directory / "train"
+    if not (directory / "index.json").is_file():
+        raise ConfigError(f"forgetting.{key}: {path} holds no token shards (prepare them with `lmstack data prepare`)")
+    return TokenStream(directory)
+
+
+def ewc_fisher(cfg: FinetuneConfig, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """The base model's Fisher: read from forgetting.ewc_fisher (checked against the base's fingerprint), or
+    estimated on the pretraining data and written there."""
+    f = cfg.forgetting
+    if not f.ewc_fisher:
+        raise ConfigError("forgetting.ewc_lambda is set but forgetting.ewc_fisher (a .safetensors path) is not")
+    base = load_model(cfg.model)
+    base_print = fingerprint(base)
+    if Path(f.ewc_fisher).is_file():
+        return load_fisher(f.ewc_fisher, base_print)
+    source = f.ewc_data or f.replay_data
+    if not source:
+        raise ConfigError(f"forgetting.ewc_fisher {f.ewc_fisher} does not exist; set forgetting.ewc_data (token "
+                          "shards of the pretraining data) to estimate it")
+    stream = token_stream(source, "ewc_data")
+    T = min(seq_len, base.config.max_seq_len, len(stream) - 2)
+    starts = np.random.default_rng([seed, 2]).integers(0, len(stream) - T, size=f.ewc_windows)
+    inputs, targets = stream.windows(starts, T)
+    fisher = estimate_fisher(base, zip(inputs, targets))
+    save_fisher(f.ewc_fisher, fisher, base_print, f.ewc_windows)
+    return fisher
+
+
+def forgetting_objective(cfg: FinetuneConfig, model: nn.Module, fisher: dict[str, torch.Tensor] | None):
+    """sft_loss plus the configured EWC / L2-SP terms (their anchors: the trained base weights as they start)."""
+    f, objective = cfg.forgetting, sft_loss
+    if not (f.ewc_lambda or f.l2sp_alpha):
+        return objective
+    if f.ewc_lambda and cfg.method in ("prompt", "p_tuning", "prefix", "bottleneck"):
+        raise ConfigError(f"forgetting.ewc_lambda: method {cfg.method} changes no base weight, so EWC has nothing to "
+                          "hold (use it with full, lora, dora, qlora or ia3)")
+    # LoRA / DoRA / IA3 updates are measured on the weights they change (regularizers.base_weight_deltas); every
+    # other trained tensor (full fine-tuning's weights, modules_to_save, an adapter's own) against its start
+    lora_like = ("lora_A", "lora_B", "lora_magnitude_vector", "ia3_l")
+    anchors = {n: p.detach().float().clone() for n, p in model.named_parameters()
+               if p.requires_grad and not any(part in lora_like for part in n.split("."))}
+    if f.ewc_lambda:
+        objective = regularized(objective, lambda m: ewc_penalty(unwrap(m), fisher, anchors, f.ewc_lambda), "ewc")
+    if f.l2sp_alpha:
+        objective = regularized(objective, lambda m: l2sp_penalty(unwrap(m), anchors, f.l2sp_alpha), "l2sp")
+    return objective
+
+
 # ------------------------------------------------------------------------------------------- the engine
 def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | None = None) -> Engine:
     dist = dist or DistContext()
@@ -178,6 +266,7 @@ def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | 
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose another "
                           "out_dir")
     tokenizer, added = prepare_tokenizer(cfg)
+    fisher = ewc_fisher(cfg, t.seq_len, t.seed) if cfg.forgetting.ewc_lambda else None
     torch.manual_seed(t.seed)
     model, new_ids = prepare_model(cfg, tokenizer)
     if t.seq_len > model.config.max_seq_len:
@@ -191,6 +280,11 @@ def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | 
                              dist.world_size) if val_samples else None
     if cfg.epochs is not None:
         t = cfg.train = replace(t, steps=max(1, math.ceil(cfg.epochs * batches.steps_per_epoch())))
+    if cfg.forgetting.replay_fraction:
+        if not cfg.forgetting.replay_data:
+            raise ConfigError("forgetting.replay_fraction is set but forgetting.replay_data (token shards) is not")
+        batches = ReplayBatches(batches, token_stream(cfg.forgetting.replay_data, "replay_data"),
+                                cfg.forgetting.replay_fraction, t.seed, dist.rank)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -218,7 +312,7 @@ def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | 
     if cfg.optimizer == "adamw8bit":
         from lmstack.train.optim8bit import build_adamw8bit
         make_optimizer = build_adamw8bit
-    return Engine(model, sft_loss, batches, t, cfg.optim, cfg.schedule, out_dir=out_dir, val_batches=val, dist=dist,
+    return Engine(model, forgetting_objective(cfg, model, fisher), batches, t, cfg.optim, cfg.schedule, out_dir=out_dir, val_batches=val, dist=dist,
                   resume_from=resume_from, store=store, run_config=run_config, flops_per_token=flops,
                   **({"make_optimizer": make_optimizer} if make_optimizer else {}))
 
@@ -231,4 +325,4 @@ def run(cfg: FinetuneConfig, resume: bool = False) -> TrainResult:
         shutdown_distributed()
 
 
-__all__ = ["FinetuneConfig", "build_engine", "load_records", "prepare_model", "prepare_tokenizer", "run"]
+__all__ = ["FinetuneConfig", "ForgettingConfig", "build_engine", "load_records", "prepare_model", "prepare_tokenizer", "run"]
