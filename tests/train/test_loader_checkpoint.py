@@ -113,7 +113,8 @@ def test_prune_keeps_last_k_and_best(tmp_path: Path):
         ckpt.load_checkpoint(tmp_path / "step-00000006")
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("finetune-")))
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")
+                                        if not p.name.startswith(("finetune-", "distill-"))))
 def test_recipes_load(name: str):  # pretraining configs; configs/finetune-*.yaml: tests/finetune/test_configs.py
     cfg = load_config(PretrainConfig, CONFIGS / name)
     model = build_model_config(cfg.model, vocab_size=66, eos_token_id=65)
