@@ -83,3 +83,13 @@ def test_resume_continues_exactly(base_dir, tmp_path, method):
     with pytest.raises(CheckpointError, match=f"holds a {'P_TUNING' if method == 'p_tuning' else 'LMSTACK_BOTTLENECK'} "
                                               "adapter, but this run trains IA3"):
         build_engine(other, resume=True).fit()
+
+
+def test_rows_and_virtual_tokens_must_fit_the_context(base_dir, tmp_path):
+    from lmstack.errors import ConfigError
+    from lmstack.train.recipes.finetune import build_engine
+
+    cfg = config(base_dir, write_data(tmp_path / "d.jsonl"), tmp_path / "run", method="prompt",
+                 **{"prompt_tuning.num_virtual_tokens": 40})  # rows of 96 tokens, a 128-token context
+    with pytest.raises(ConfigError, match=r"train.seq_len \(96\) \+ the method's 40 virtual tokens exceed .* <= 88"):
+        build_engine(cfg)

@@ -45,7 +45,8 @@ from lmstack.train.recipes.pretrain import _tokenizer_files, build_model_config
 class DistillSettings:
     """temperature T and alpha (the soft term's weight); kind forward (KL(teacher || student)) or reverse (KL on the
     student's samples, MiniLLM-style: prompt_len tokens of each window, then sample_len sampled ones); top_k:
-    cache the teacher's k largest logits per position (None: run the teacher on every batch)."""
+    cache the teacher's k largest logits per position (None: run the teacher on every batch); max_windows: use
+    only the first N windows of the train split (a short run's epoch, and a smaller cache)."""
 
     temperature: float = 2.0
     alpha: float = 0.5
@@ -53,6 +54,7 @@ class DistillSettings:
     top_k: int | None = None
     prompt_len: int = 16
     sample_len: int = 32
+    max_windows: int | None = None
 
 
 @dataclass
@@ -75,10 +77,11 @@ class WindowBatches:
     """Non-overlapping windows of a split; epoch e visits them in a permutation seeded by (seed, e). Each
     micro-batch: input_ids, targets (B, T) and window (B,) (the index into a top-k cache)."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, grad_accum: int = 1, seed: int = 0):
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
+                 max_windows: int | None = None):
         self.stream, self.seq_len, self.batch_size, self.grad_accum, self.seed = (stream, seq_len, batch_size,
                                                                                   grad_accum, seed)
-        self.count = (len(stream) - 1) // seq_len
+        self.count = min((len(stream) - 1) // seq_len, max_windows or 1 << 62)
         self.rows_per_step = batch_size * grad_accum
         if self.count < self.rows_per_step:
             raise ConfigError(f"{stream.directory}: {self.count} windows of {seq_len} tokens, fewer than one step's "
@@ -131,7 +134,7 @@ def teacher_topk(teacher: nn.Module, batches: WindowBatches, k: int, path: Path,
 
 def _cache_key(cfg: DistillConfig, teacher: nn.Module, stream: TokenStream) -> str:
     h = hashlib.sha256(f"{Path(cfg.teacher).resolve()}|{cfg.distill.top_k}|{cfg.train.seq_len}|"
-                       f"{stream.directory.resolve()}|{len(stream)}".encode())
+                       f"{stream.directory.resolve()}|{len(stream)}|{cfg.distill.max_windows}".encode())
     h.update(next(teacher.parameters()).detach().float().flatten()[:4096].numpy().tobytes())
     return h.hexdigest()
 
@@ -185,7 +188,7 @@ def build_engine(cfg: DistillConfig, resume: bool = False) -> Engine:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds the student's max_seq_len ({student.config.max_seq_len})")
     if d.kind == "reverse" and d.prompt_len + d.sample_len > student.config.max_seq_len:
         raise ConfigError("distill.prompt_len + sample_len exceed the student's max_seq_len")
-    batches = WindowBatches(stream, t.seq_len, t.batch_size, t.grad_accum, t.seed)
+    batches = WindowBatches(stream, t.seq_len, t.batch_size, t.grad_accum, t.seed, d.max_windows)
     cache = None
     if teacher is not None and d.top_k:
         if d.kind == "reverse":

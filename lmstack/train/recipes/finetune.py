@@ -271,6 +271,11 @@ def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | 
     model, new_ids = prepare_model(cfg, tokenizer)
     if t.seq_len > model.config.max_seq_len:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds the model's max_seq_len ({model.config.max_seq_len})")
+    virtual = model.kv_prefix.num_virtual_tokens if getattr(model, "kv_prefix", None) is not None else 0
+    if t.seq_len + virtual > model.config.max_seq_len:
+        raise ConfigError(f"train.seq_len ({t.seq_len}) + the method's {virtual} virtual tokens exceed the model's "
+                          f"max_seq_len ({model.config.max_seq_len}); set train.seq_len <= "
+                          f"{model.config.max_seq_len - virtual}")
     train_records, val_records = load_records(cfg.data)
     samples, stats = encode_records(tokenizer, train_records, t.seq_len, cfg.data)
     val_samples, _ = encode_records(tokenizer, val_records, t.seq_len, replace(cfg.data, overlong="drop"))
