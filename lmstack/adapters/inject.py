@@ -1,5 +1,6 @@
 """Put adapters into a model by module name, and take them out again.
 
+    apply_ia3, apply_bottleneck     the same for IA3 vectors and bottleneck adapters (lmstack.adapters.ia3, .bottleneck)
     apply_lora(model, LoraConfig)   swap the target linears for LoraLinear, wrap modules_to_save and the
                                     trainable token rows, freeze everything else -> the adapted names
     merge_adapters / unmerge_adapters   fold the updates into the base weights and back (fp32: exact to rounding)
@@ -18,14 +19,18 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from lmstack.adapters.bottleneck import PLACES, BottleneckAdapter, BottleneckConfig
 from lmstack.adapters.config import LoraConfig
+from lmstack.adapters.ia3 import IA3Config, IA3Linear
 from lmstack.adapters.lora import LoraLinear
 from lmstack.adapters.modules import ModulesToSave, TrainableTokens
 from lmstack.adapters.names import hf_module
+from lmstack.adapters.prompt import KVPrefix
 from lmstack.errors import ConfigError
 
-ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save", "trainable_tokens_delta")
-WRAPPERS = (LoraLinear, ModulesToSave, TrainableTokens)
+ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save", "trainable_tokens_delta", "ia3_l",
+                  "adapter_down", "adapter_up", "kv_prefix")
+WRAPPERS = (LoraLinear, ModulesToSave, TrainableTokens, IA3Linear, BottleneckAdapter, KVPrefix)
 
 
 def is_adapter_parameter(name: str) -> bool:
@@ -111,6 +116,46 @@ def wrap_trainable_tokens(model: nn.Module, indices: list[int]) -> None:
     model.lm_head = TrainableTokens(model.lm_head, indices, shared)
 
 
+def _listed(names: list[str], entries: list[str]) -> bool:
+    return any(n == e or n.endswith("." + e) for n in names for e in entries)
+
+
+def apply_ia3(model: nn.Module, cfg: IA3Config) -> list[str]:
+    """Swap the target linears for IA3Linear, freeze everything else -> the adapted module names."""
+    config = model.config
+    targets, ff = cfg.resolved(config.family)
+    adapted = []
+    for name, module in linear_modules(model).items():
+        names = [name, hf_module(name, config)[0]]
+        if _listed(names, cfg.exclude_modules) or not _listed(names, targets):
+            continue
+        set_module(model, name, IA3Linear(module, feedforward=_listed(names, ff)))
+        adapted.append(name)
+    if not adapted:
+        raise ConfigError(f"ia3.target_modules {targets} match no linear layer of this model "
+                          "(e.g. k_proj, v_proj, down_proj)")
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(".ia3_l"))
+    return adapted
+
+
+def bottleneck_targets(model: nn.Module, placement: str) -> list[str]:
+    return [f"model.layers.{i}.{leaf}" for i in range(len(model.model.layers)) for leaf in PLACES[placement]]
+
+
+def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig) -> list[str]:
+    """Wrap the placement's output projections in BottleneckAdapter; freeze everything else -> their names."""
+    size = cfg.size(model.config.hidden_size)
+    names = bottleneck_targets(model, cfg.placement)
+    for name in names:
+        set_module(model, name, BottleneckAdapter(model.get_submodule(name), size, cfg.non_linearity))
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".adapter_down." in name or ".adapter_up." in name)
+    return names
+
+
 def adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every adapter wrapper in the model."""
     for name, module in model.named_modules():
@@ -135,8 +180,9 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Replace every wrapper by a plain module with the adapter folded in (LoRA merged, trained rows and
-    modules written in): the model is then an ordinary Transformer that `save_model` writes as is."""
+    """Replace every wrapper by a plain module with the adapter folded in (LoRA and IA3 merged, trained rows and
+    modules written in): the model is then an ordinary Transformer that `save_model` writes as is. Bottleneck
+    adapters and prompt / prefix tuning have nothing to fold into: they stay (frozen)."""
     for name, module in list(adapters(model)):
         if isinstance(module, LoraLinear):
             set_module(model, name, module.merged_linear())
@@ -144,6 +190,9 @@ def unload(model: nn.Module) -> nn.Module:
             set_module(model, name, module.modules_to_save)
         elif isinstance(module, TrainableTokens):
             set_module(model, name, module.merged_layer())
+        elif isinstance(module, IA3Linear):
+            set_module(model, name, module.merged_linear())
+        # bottleneck adapters and a kv_prefix (prompt / prefix tuning) cannot be folded into weights: they stay
     if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         model.config.tie_word_embeddings = False  # e.g. modules_to_save trained a copy of one side only
     for param in model.parameters():
@@ -167,6 +216,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             m.enabled = was
 
 
-__all__ = ["adapters", "apply_lora", "disable_adapters", "has_adapters", "is_adapter_parameter", "linear_modules",
+__all__ = ["adapters", "apply_bottleneck", "apply_ia3", "apply_lora", "bottleneck_targets", "disable_adapters", "has_adapters", "is_adapter_parameter", "linear_modules",
            "merge_adapters", "set_module", "unload", "unmerge_adapters", "wrap_modules_to_save",
            "wrap_trainable_tokens"]

@@ -39,6 +39,13 @@ from lmstack.adapters.inject import (
     wrap_trainable_tokens,
 )
 from lmstack.adapters.lora import LoraLinear, dense_weight
+from lmstack.adapters.method_format import (
+    METHOD_TYPES,
+    adapter_kind,
+    check_tensors_match,
+    load_method_adapter,
+    method_tensors,
+)
 from lmstack.adapters.modules import ModulesToSave, TrainableTokens, resize_vocab
 from lmstack.adapters.names import fused_conv1d, hf_module, lmstack_modules
 from lmstack.atomic import atomic_dir
@@ -48,7 +55,8 @@ from lmstack.schema import read_json
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-SUPPORTED_TYPES = ("LORA",)
+SUPPORTED_TYPES = ("LORA", *METHOD_TYPES)  # the others: lmstack.adapters.method_format
+STATE_FILE = "lmstack_adapter_state.safetensors"  # a checkpoint's trainable tensors by lmstack name (resume)
 _TOKENS_LEAF = "token_adapter.trainable_tokens_delta"
 
 
@@ -64,6 +72,10 @@ def adapter_tensors(model: nn.Module, state: dict[str, torch.Tensor] | None = No
     config = model.config
     values = {n: p.detach() for n, p in model.named_parameters() if is_adapter_parameter(n)}
     values.update(state or {})
+    kind = adapter_kind(model)
+    if kind != "LORA":
+        tensors, fields = method_tensors(model, kind, values)
+        return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}, fields
     tensors: dict[str, torch.Tensor] = {}
     lora = {name: m for name, m in adapters(model) if isinstance(m, LoraLinear)}
     if not lora:
@@ -229,8 +241,17 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """
     directory = Path(directory)
     fields, tensors = read_adapter(directory)
-    cfg = lora_config_from_peft(fields)
     where = directory / WEIGHTS_FILE
+    check_tensors_match(fields["peft_type"], tensors, where)
+    if fields["peft_type"] != "LORA":
+        vocab = _tokenizer_vocab(directory)  # rows the run added for new tokens (mean-initialised, untrained)
+        if vocab > model.config.vocab_size:
+            resize_vocab(model, vocab)
+        load_method_adapter(model, fields, tensors, where)
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_adapter_parameter(name))
+        return model
+    cfg = lora_config_from_peft(fields)
     by_module = _group_by_module(tensors, where)
     config = model.config
     needed = max([i + 1 for i in cfg.trainable_token_indices]
@@ -279,6 +300,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
     return model
+
+
+def _tokenizer_vocab(directory: Path) -> int:
+    """The vocabulary of the tokenizer saved beside an adapter (0 when there is none)."""
+    if not (directory / "tokenizer.json").is_file():
+        return 0
+    from tokenizers import Tokenizer as Backend
+    return Backend.from_file(str(directory / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -351,6 +380,8 @@ class AdapterStore:
 
     def write(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
         write_adapter(model, directory, base_model_name_or_path=self.base_model_name_or_path, state=state)
+        if adapter_kind(model) != "LORA":  # e.g. P-tuning's encoder, which the adapter file does not hold
+            save_file({k: v.contiguous() for k, v in state.items()}, directory / STATE_FILE)
         for name, source in self.extra_files.items():
             shutil.copyfile(source, directory / name)
 
@@ -361,6 +392,20 @@ class AdapterStore:
         """Back into the model's existing adapters: q/k/v from a fused c_attn by their ranks (block-diagonal)."""
         config = model.config
         expected = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
+        kind, saved = adapter_kind(model), read_adapter(directory)[0]["peft_type"]
+        if kind != saved:
+            raise CheckpointError(f"{directory}: the checkpoint holds a {saved} adapter, but this run trains {kind}; "
+                                  "resume with the method the run started with")
+        if kind != "LORA":
+            with safe_open(directory / STATE_FILE, framework="pt") as f:
+                by_name = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            with torch.no_grad():
+                for name, param in expected.items():
+                    if name not in by_name or by_name[name].shape != param.shape:
+                        raise CheckpointError(f"{directory / STATE_FILE}: no tensor of shape {tuple(param.shape)} "
+                                              f"for {name}: was the run's adapter configuration changed?")
+                    param.copy_(by_name[name])
+            return
         by_module = _group_by_module(state, directory / WEIGHTS_FILE)
         restored: dict[str, torch.Tensor] = {}
         for name, module in adapters(model):
@@ -405,6 +450,7 @@ def _split_qkv(model: nn.Module, hf: str, name: str, part: int, leaves: dict) ->
 
 __all__ = [
     "CONFIG_FILE",
+    "STATE_FILE",
     "WEIGHTS_FILE",
     "AdapterStore",
     "adapter_tensors",

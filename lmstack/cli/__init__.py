@@ -24,6 +24,7 @@ VERBS: dict[str, str] = {
     "data": "lmstack.cli.data:main",
     "pretrain": "lmstack.cli.pretrain:main",
     "finetune": "lmstack.cli.finetune:main",
+    "distill": "lmstack.cli.distill:main",
     "merge": "lmstack.cli.merge:main",
     "generate": "lmstack.cli.generate:main",
     "chat": "lmstack.cli.chat:main",

@@ -43,7 +43,8 @@ def main(argv: list[str]) -> int:
     """Chat with a model in the terminal (chat template, streaming, history; /reset, /system TEXT, /quit)."""
     parser = argparse.ArgumentParser(prog="lmstack chat", description=main.__doc__ + "\n" + CHAT_HELP)
     parser.add_argument("--model", type=Path, required=True, help="model directory (tokenizer with a chat template)")
-    parser.add_argument("--adapter", type=Path, help="a LoRA/DoRA adapter directory (peft format) for --model")
+    parser.add_argument("--adapter", type=Path, help="an adapter directory for --model (peft format: LoRA, DoRA, "
+                        "IA3, prompt / P- / prefix tuning; or lmstack bottleneck)")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
     add_generation_flags(parser, CHAT_DEFAULTS)

@@ -160,7 +160,8 @@ def main(argv: list[str]) -> int:
     """Generate text from a model directory: --prompt "..." (repeatable) or --prompts-file in.jsonl -> JSONL."""
     parser = argparse.ArgumentParser(prog="lmstack generate", description=main.__doc__)
     parser.add_argument("--model", type=Path, required=True, help="model directory (with tokenizer.json)")
-    parser.add_argument("--adapter", type=Path, help="a LoRA/DoRA adapter directory (peft format) for --model")
+    parser.add_argument("--adapter", type=Path, help="an adapter directory for --model (peft format: LoRA, DoRA, "
+                        "IA3, prompt / P- / prefix tuning; or lmstack bottleneck)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeatable: one batch)")
     source.add_argument("--prompts-file", type=Path, help='JSONL: {"prompt": "..."} or {"messages": [...]}, '

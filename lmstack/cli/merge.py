@@ -17,7 +17,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def main(argv: list[str]) -> int:
     """Merge a LoRA/DoRA adapter into its base: --model BASE --adapter DIR --out OUT (a plain HF directory)."""
-    from lmstack.adapters import unload
+    from lmstack.adapters import has_adapters, unload
+    from lmstack.adapters.method_format import adapter_kind
     from lmstack.interop.hf import load_model, save_model
     from lmstack.tokenizer import Tokenizer
 
@@ -34,6 +35,9 @@ def main(argv: list[str]) -> int:
     if args.out.resolve() in (args.model.resolve(), args.adapter.resolve()):
         raise ConfigError(f"--out {args.out} would overwrite an input; choose another directory")
     model = unload(load_model(args.model, dtype=torch.float32, adapter=args.adapter))
+    if has_adapters(model):  # prompt / prefix tuning and bottleneck adapters add computation, not weight deltas
+        raise ConfigError(f"--adapter {args.adapter}: a {adapter_kind(model)} adapter cannot be folded into the "
+                          "weights; use it as it is (lmstack generate / chat --adapter, or peft)")
     source = args.adapter if (args.adapter / "tokenizer.json").is_file() else args.model
     extra = Tokenizer.load(source).files() if (source / "tokenizer.json").is_file() else {}
     save_model(model, args.out, dtype=DTYPES[args.dtype], extra_files=extra)

@@ -25,12 +25,16 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, d) -> (B, T, d).
 
         mask: boolean (B, 1, T, S), True where a query may attend, or None for plain causal attention
         over the T tokens given. With a KV cache, keys/values are written at `cache_slots`, (T,) shared by
         the rows or (B, T) per row, and S is the cache length.
+        prefix: keys and values (1, H_kv, P, D) every query attends to before the others (prompt / prefix
+        tuning); the mask then covers P + S keys. Concatenated per call, so the decode session needs no
+        reserved cache slots (and a copy of the cache per step is the cost).
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -42,6 +46,9 @@ class Attention(nn.Module):
         decoding = self.kv_cache is not None and cache_slots is not None
         if decoding:
             k, v = self.kv_cache.update(cache_slots, k, v)  # (B, H_kv, S_max, D)
+        if prefix is not None:
+            pk, pv = (p.to(k.dtype).expand(k.shape[0], -1, -1, -1) for p in prefix)  # (B, H_kv, P, D)
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H_kv, P + S, D)
         if decoding and T == 1 and mask is not None:
             y = single_query_attention(q, k, v, mask)
         else:

@@ -42,8 +42,9 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache_slots))
+                mask: torch.Tensor | None, cache_slots: torch.Tensor | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache_slots, prefix))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -71,6 +72,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.embed_dropout = nn.Dropout(config.dropout)
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
+        # Keys/values every layer attends to before the tokens (prompt, P- and prefix tuning: lmstack.adapters.prompt,
+        # .prefix): a module swapped in by name, model.kv_prefix(model) -> per layer (k, v), each (1, H_kv, P, D).
+        self.kv_prefix: nn.Module | None = None
         self.register_buffer("inv_freq", torch.empty(0), persistent=False)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -161,7 +165,8 @@ class Transformer(nn.Module):
         return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None, cache_slots: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final-norm hidden states (B, T, d).
 
         attention_mask: (B, T) without a cache, (B, S_max) over cache slots with one; 1 = real token, 0 = padding.
@@ -172,31 +177,53 @@ class Transformer(nn.Module):
             every row, or (B, T) with each row at its own slots (rows of one batch at different lengths).
             A query at slot s attends to the keys at slots <= s, so slots past a row's own tokens are
             hidden even when they hold stale keys.
+        inputs_embeds: (B, T, d) in place of the token embeddings (input_ids may then be None). The base model
+            only: no kv_prefix (this is how a prompt-tuning module runs the model on its own virtual tokens).
+
+        With a `kv_prefix` of P virtual tokens every query also attends to its P keys/values, and positions
+        start at P (the virtual tokens hold 0..P-1), as peft's prompt, P- and prefix tuning have it.
         """
-        B, T = input_ids.shape
+        B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         use_cache = cache_slots is not None
         if use_cache and self.cache_len is None:
             raise RuntimeError("cache_slots given but no KV cache is set up; call model.setup_cache(...) first")
         if not use_cache and T > self.config.max_seq_len:
             raise ConfigError(f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len}")
-        device = input_ids.device
+        device = input_ids.device if inputs_embeds is None else inputs_embeds.device
+        prefix = self.kv_prefix(self) if self.kv_prefix is not None and inputs_embeds is None else None
+        P = 0 if prefix is None else prefix[0][0].shape[2]
+        if P:
+            self._check_prefix_fits(P, T, use_cache)
         if position_ids is None:
             position_ids = self._default_positions(B, T, attention_mask, cache_slots, device)
         mask = self._attention_mask(T, attention_mask, cache_slots, device)
+        if P:
+            position_ids = position_ids + P
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=device).tril().view(1, 1, T, T)
+            mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)  # (B|1, 1, T, P + S)
 
-        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         if self.config.position_kind == "learned":
             x = x + self.model.embed_positions(position_ids)
         elif self.config.position_kind == "sinusoidal":
             x = x + sinusoidal_embedding(position_ids, self.config.hidden_size).to(x.dtype)
         x = self.embed_dropout(x)
         rope = rope_cos_sin(self.inv_freq, position_ids, self.config) if self.config.position_kind == "rope" else None
-        for block in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, cache_slots, use_reentrant=False)
+        for i, block in enumerate(self.model.layers):
+            layer_prefix = None if prefix is None else prefix[i]
+            if self.gradient_checkpointing and self.training and not use_cache:
+                x = checkpoint(block, x, rope, mask, cache_slots, layer_prefix, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache_slots)
+                x = block(x, rope, mask, cache_slots, layer_prefix)
         return self.model.norm(x)
+
+    def _check_prefix_fits(self, P: int, T: int, use_cache: bool) -> None:
+        """Virtual tokens take positions 0..P-1: with learned positions the tokens after them must still fit."""
+        length = self.cache_len if use_cache else T
+        if P + length > self.config.max_seq_len and (self.config.position_kind == "learned" or not use_cache):
+            raise ConfigError(f"{P} virtual tokens (kv_prefix) + {length} tokens exceed the model's max_seq_len "
+                              f"{self.config.max_seq_len}; shorten the input (or the prompt/prefix)")
 
     def _default_positions(self, B: int, T: int, attention_mask: torch.Tensor | None,
                            cache_slots: torch.Tensor | None, device: torch.device) -> torch.Tensor:

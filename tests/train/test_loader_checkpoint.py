@@ -114,8 +114,8 @@ def test_prune_keeps_last_k_and_best(tmp_path: Path):
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")
-                                        if not p.name.startswith(("finetune-", "align-"))))
-def test_recipes_load(name: str):  # pretraining configs; finetune-*.yaml: tests/finetune, align-*.yaml: tests/align
+                                        if not p.name.startswith(("finetune-", "align-", "distill-"))))
+def test_recipes_load(name: str):  # pretraining configs; finetune-*, align-*, distill-*.yaml: their own tests
     cfg = load_config(PretrainConfig, CONFIGS / name)
     model = build_model_config(cfg.model, vocab_size=66, eos_token_id=65)
     assert cfg.train.seq_len <= model.max_seq_len and cfg.data.path
