@@ -23,7 +23,7 @@ from lmstack.atomic import atomic_file
 from lmstack.cli.args import add_out, integer, number, positive_int, text_arg
 from lmstack.device import resolve_device
 from lmstack.errors import CheckpointError, ConfigError, DataError, InputFileError
-from lmstack.generate.api import generate
+from lmstack.generate.api import bind_encoder, generate
 from lmstack.generate.config import GenerationConfig
 from lmstack.generate.prompts import encode_prompts
 from lmstack.generate.results import GenerationOutput
@@ -193,7 +193,8 @@ def main(argv: list[str]) -> int:
     as_jsonl = args.jsonl or args.prompts_file is not None or args.out is not None
 
     if not as_jsonl and len(prompts) == 1 and config.num_beams == 1 and draft is None:
-        run = GenerationRun(model, tokenizer, prompts, config)
+        decoder, decoder_prompts = bind_encoder(model, tokenizer, prompts, config, None)  # T5: its bound decoder
+        run = GenerationRun(decoder, tokenizer, decoder_prompts, config)
         for event in run.events():  # show tokens as they come
             sys.stdout.write(event.text)
             sys.stdout.flush()

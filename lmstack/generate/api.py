@@ -35,7 +35,7 @@ def generate(model: CausalLM, tokenizer: TokenizerLike | None, prompts: PromptIn
     logprobs / top_logprobs on request, the n-best beams for beam search, and timing stats.
     """
     config = resolve_config(config, options)
-    model, prompts = _bind_encoder(model, tokenizer, prompts, config, draft_model)
+    model, prompts = bind_encoder(model, tokenizer, prompts, config, draft_model)
     if config.num_beams > 1:
         return beam_search(model, tokenizer, prompts, config)
     if draft_model is not None:
@@ -60,15 +60,15 @@ def stream(model: CausalLM, tokenizer: TokenizerLike, prompt: str | list[int], *
     ids = encode_prompts(prompt, tokenizer, config.add_special_tokens)
     if len(ids) != 1:
         raise GenerationError(f"stream takes one prompt, got {len(ids)}; use GenerationRun.events() for a batch")
-    model, ids = _bind_encoder(model, tokenizer, ids, config, None)
+    model, ids = bind_encoder(model, tokenizer, ids, config, None)
     run = GenerationRun(model, tokenizer, ids, config)
     for event in run.events():
         if event.text:
             yield event.text
 
 
-def _bind_encoder(model: Any, tokenizer: TokenizerLike | None, prompts: PromptInput, config: GenerationConfig,
-                  draft_model: CausalLM | None) -> tuple[CausalLM, PromptInput]:
+def bind_encoder(model: Any, tokenizer: TokenizerLike | None, prompts: PromptInput, config: GenerationConfig,
+                 draft_model: CausalLM | None) -> tuple[CausalLM, PromptInput]:
     """An encoder-decoder (T5) generates through the same strategies: its decoder, bound to the encoded prompts
     (the encoder runs once per prompt), is the CausalLM, and each row's decoder prompt is the start token."""
     if not getattr(model, "is_encoder_decoder", False):
