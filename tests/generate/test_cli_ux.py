@@ -150,6 +150,9 @@ def long_context_dir(tmp_path_factory):
     return _model_dir(tmp_path_factory.mktemp("long") / "model", max_seq_len=1024)
 
 
+# slow: its keys race the chat's output on a loaded machine (seen failing there at two different steps while
+# passing in other runs of the same commit), so it runs with --runslow until the waits are made robust
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a pty")
 def test_chat_in_a_terminal_ctrl_c_stops_the_reply_and_readline_edits(long_context_dir):
     # sampled: the untrained model's greedy reply is newlines only, invisible on the screen
