@@ -7,7 +7,6 @@ directory renamed into place at the end: a crash leaves either the old directory
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmstack.atomic import atomic_dir
@@ -26,23 +24,10 @@ from lmstack.errors import CheckpointError, ConfigError
 from lmstack.interop import families
 from lmstack.interop.hf_config import hf_incompatibility
 from lmstack.interop.hf_moe import mixtral_to_hf, mixtral_to_lmstack
+from lmstack.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, open_weights, tensor_files
 from lmstack.model.transformer import Transformer
 from lmstack.schema import read_json
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-@contextlib.contextmanager
-def _open_weights(file: Path) -> Iterator[Any]:
-    """safe_open; a file that is not readable safetensors (a copy or a save cut short) is one CheckpointError
-    naming it, since safetensors' own message names no file."""
-    try:
-        with safe_open(file, framework="pt") as f:
-            yield f
-    except SafetensorError as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e}); copy or save "
-                              "it again") from None
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 # Tensors some checkpoints carry that hold no learned weights (old GPT-2 mask buffers, RoPE caches).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -137,31 +122,12 @@ def read_config(directory: str | Path) -> ModelConfig:
     return families.decoder_config_from_hf(hf, str(path))
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it."""
-    index = directory / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        return {name: directory / file for name, file in weight_map.items()}
-    single = directory / SINGLE_FILE
-    if single.exists():
-        with _open_weights(single) as f:
-            return {name: single for name in f.keys()}
-    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
-        raise CheckpointError(f"{directory}: only pickle weights (*.bin / *.pt) found; lmstack reads safetensors "
-                              "only (convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
-
-
 def _read_tensors(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the directory under its lmstack name, names and shapes checked against `config`.
 
     A tied config's lm_head.weight is read too when the file has one: the caller decides what it means.
     """
-    files = _weight_files(directory)
+    files = tensor_files(directory)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(config).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
@@ -171,7 +137,7 @@ def _read_tensors(directory: Path, config: ModelConfig) -> dict[str, torch.Tenso
     for file, names in by_file.items():
         if not file.exists():
             raise CheckpointError(f"{file}: listed in {INDEX_FILE} but missing")
-        with _open_weights(file) as f:
+        with open_weights(file) as f:
             for hf_name in names:
                 if hf_name.endswith(_IGNORED_SUFFIXES):
                     continue

@@ -25,8 +25,9 @@ from safetensors.torch import save_file
 from lmstack.atomic import atomic_dir
 from lmstack.config import ModelConfig
 from lmstack.errors import CheckpointError
-from lmstack.interop.hf import _IGNORED_SUFFIXES, _weight_files, hf_to_lmstack, lmstack_to_hf, load_model, read_config
+from lmstack.interop.hf import _IGNORED_SUFFIXES, hf_to_lmstack, lmstack_to_hf, load_model, read_config
 from lmstack.interop.hf_config import config_to_hf, hf_incompatibility
+from lmstack.interop.safetensors_io import tensor_files
 from lmstack.model.heads import ScoreModel
 from lmstack.model.transformer import Transformer
 
@@ -80,7 +81,7 @@ def read_score_state(directory: str | Path) -> tuple[ModelConfig, dict[str, torc
     with torch.device("meta"):
         expected = {k: v.shape for k, v in ScoreModel(Transformer(config)).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
-    for hf_name, file in _weight_files(directory).items():
+    for hf_name, file in tensor_files(directory).items():
         if hf_name.endswith(_IGNORED_SUFFIXES):
             continue
         with safe_open(file, framework="pt") as f:

@@ -7,12 +7,14 @@ tensor at a time, so a checkpoint never sits in memory twice.)
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -20,6 +22,18 @@ from lmstack.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def open_weights(file: Path) -> Iterator[Any]:
+    """safe_open; a file that is not readable safetensors (a copy or a save cut short) is one CheckpointError
+    naming it, since safetensors' own message names no file."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e}); copy or save "
+                              "it again") from None
 
 
 def tensor_files(directory: Path) -> dict[str, Path]:
@@ -33,7 +47,7 @@ def tensor_files(directory: Path) -> dict[str, Path]:
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / SINGLE_FILE
     if single.exists():
-        with safe_open(single, framework="pt") as f:
+        with open_weights(single) as f:
             return {name: single for name in f.keys()}
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise CheckpointError(f"{directory}: only pickle weights (*.bin / *.pt) found; lmstack reads safetensors "
@@ -55,7 +69,7 @@ def load_into(model: nn.Module, directory: Path, rename: Callable[[str], str | N
     for file, names in by_file.items():
         if not file.exists():
             raise CheckpointError(f"{file}: listed in {INDEX_FILE} but missing")
-        with safe_open(file, framework="pt") as f:
+        with open_weights(file) as f:
             for hf_name in names:
                 name = rename(hf_name)
                 if name is None:
