@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmstack.atomic import atomic_dir, write_text
-from lmstack.errors import CheckpointError
+from lmstack.errors import CheckpointError, ConfigError
 from lmstack.interop.hf import load_state_dict, read_config, write_weights
 from lmstack.schema import read_json
 from lmstack.train.distributed import full_model_state
@@ -242,6 +242,21 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     checkpoints = list_checkpoints(root)
     return checkpoints[-1] if checkpoints else None
+
+
+def resume_point(out_dir: Path, resume: bool) -> Path | None:
+    """What a recipe resumes from: OUT's latest checkpoint with `resume`, else None; a ConfigError when --resume
+    finds none, or when a fresh run would write over OUT's checkpoints."""
+    root = out_dir / "checkpoints"
+    if resume:
+        latest = latest_checkpoint(root)
+        if latest is None:
+            raise ConfigError(f"--resume: no checkpoint under {root}")
+        return latest
+    if list_checkpoints(root):
+        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose "
+                          "another out_dir")
+    return None
 
 
 def record_best(root: str | Path, checkpoint: Path, val_loss: float, step: int) -> None:

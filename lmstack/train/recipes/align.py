@@ -40,9 +40,8 @@ from lmstack.adapters import AdapterStore, LoraConfig, apply_lora, save_adapter,
 from lmstack.align.rewards import resolve_reward_fn
 from lmstack.align.tasks import arithmetic_problems, sorted_letters_pairs
 from lmstack.atomic import write_text
-from lmstack.data.preference import (ExampleBatches, PromptRecord, Renderer, collate_pairs,
-                                     collate_unpaired, fixed_batches, read_pairs, read_prompts, read_unpaired,
-                                     split_holdout)
+from lmstack.data.preference import (ExampleBatches, PromptRecord, Renderer, collate_pairs, collate_unpaired,
+                                     fixed_batches, read_pairs, read_prompts, read_unpaired, split_holdout)
 from lmstack.device import resolve_device, resolve_precision
 from lmstack.errors import ConfigError
 from lmstack.interop.hf import load_model, read_config, save_model
@@ -52,7 +51,7 @@ from lmstack.model.heads import ScoreModel, ValueHeadModel
 from lmstack.model.protocol import model_device
 from lmstack.schema import to_dict
 from lmstack.tokenizer import Tokenizer
-from lmstack.train.checkpoint import WholeModel, _load_or_explain, latest_checkpoint, list_checkpoints
+from lmstack.train.checkpoint import WholeModel, _load_or_explain, resume_point
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from lmstack.train.distributed import DistContext, full_model_state, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult, to_device
@@ -61,7 +60,7 @@ from lmstack.train.objectives.grpo import GRPOConfig, GRPOObjective
 from lmstack.train.objectives.ppo import PPOConfig, PPOObjective
 from lmstack.train.objectives.reward import RewardConfig, RewardObjective
 from lmstack.train.reference import (AdapterDisabledReference, FrozenReference, cached_reference_logps,
-                                    compute_sequence_logps, fingerprint, reference_identity)
+                                     compute_sequence_logps, fingerprint, reference_identity)
 from lmstack.train.rollout import (FunctionScorer, GRPOPreparation, ModelScorer, PPOPreparation, RolloutConfig,
                                    RolloutSource)
 
@@ -318,14 +317,7 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     resolve_precision(t.precision, resolve_device(t.device))
-    resume_from = None
-    if resume:
-        resume_from = latest_checkpoint(out_dir / "checkpoints")
-        if resume_from is None:
-            raise ConfigError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
-    elif list_checkpoints(out_dir / "checkpoints"):
-        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose "
-                          "another out_dir")
+    resume_from = resume_point(out_dir, resume)
     if cfg.method == "rloo":
         cfg.grpo.advantage = "rloo"
     if cfg.method == "rm" and (cfg.lora is not None or cfg.adapter is not None):

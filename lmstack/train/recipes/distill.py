@@ -34,7 +34,7 @@ from lmstack.errors import ConfigError
 from lmstack.interop.hf import load_model
 from lmstack.model.transformer import Transformer
 from lmstack.schema import to_dict
-from lmstack.train.checkpoint import WholeModel, latest_checkpoint, list_checkpoints
+from lmstack.train.checkpoint import WholeModel, resume_point
 from lmstack.train.config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
 from lmstack.train.engine import Engine, TrainResult
 from lmstack.train.objectives.distill import TopK, check_vocabularies, distill_objective
@@ -165,11 +165,7 @@ def build_engine(cfg: DistillConfig, resume: bool = False) -> Engine:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
     resolve_precision(t.precision, device)
-    resume_from = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    if resume and resume_from is None:
-        raise ConfigError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
-    if not resume and list_checkpoints(out_dir / "checkpoints"):
-        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume or choose another out_dir")
+    resume_from = resume_point(out_dir, resume)
     if not cfg.data.path:
         raise ConfigError("data.path is required: token shards written by `lmstack data prepare`")
     data_dir = Path(cfg.data.path)

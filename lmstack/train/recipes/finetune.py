@@ -58,7 +58,7 @@ from lmstack.model.protocol import unwrap
 from lmstack.schema import to_dict
 from lmstack.tokenizer import Tokenizer
 from lmstack.tokenizer.chat_template import TEMPLATE_SPECIAL_TOKENS, resolve_template
-from lmstack.train.checkpoint import WholeModel, latest_checkpoint, list_checkpoints
+from lmstack.train.checkpoint import WholeModel, resume_point
 from lmstack.train.config import OptimConfig, QATConfig, ScheduleConfig, TrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
@@ -261,14 +261,7 @@ def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | 
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     resolve_precision(t.precision, resolve_device(t.device))
-    resume_from = None
-    if resume:
-        resume_from = latest_checkpoint(out_dir / "checkpoints")
-        if resume_from is None:
-            raise ConfigError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
-    elif list_checkpoints(out_dir / "checkpoints"):
-        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose another "
-                          "out_dir")
+    resume_from = resume_point(out_dir, resume)
     tokenizer, added = prepare_tokenizer(cfg)
     fisher = ewc_fisher(cfg, t.seq_len, t.seed) if cfg.forgetting.ewc_lambda else None
     torch.manual_seed(t.seed)

@@ -23,7 +23,7 @@ from lmstack.errors import ConfigError, DataError
 from lmstack.model.protocol import unwrap
 from lmstack.model.transformer import Transformer
 from lmstack.schema import from_dict, read_json, to_dict
-from lmstack.train.checkpoint import WholeModel, latest_checkpoint, list_checkpoints
+from lmstack.train.checkpoint import WholeModel, resume_point
 from lmstack.train.config import PretrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
@@ -105,14 +105,7 @@ def build_engine(cfg: PretrainConfig, resume: bool = False, dist: DistContext | 
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     resolve_precision(t.precision, resolve_device(t.device))  # refuse bf16 on a CPU without it before any write
-    resume_from = None
-    if resume:
-        resume_from = latest_checkpoint(out_dir / "checkpoints")
-        if resume_from is None:
-            raise ConfigError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
-    elif list_checkpoints(out_dir / "checkpoints"):
-        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose "
-                          "another out_dir")
+    resume_from = resume_point(out_dir, resume)
 
     objective_fn, flops_per_token = objective, None
     store: WholeModel = WholeModel(extra_files=_tokenizer_files(Path(cfg.data.path)))
