@@ -16,9 +16,10 @@ token embedding and an untied output matrix are Q8_0 (llama.cpp's own Q4_0 files
 because their errors land directly on every token's input and logits. --type q4_k_m follows llama.cpp's
 per-tensor rules exactly (lmstack/quant/kquants.py).
 
-Tokenizer: byte-level BPE (tokenizer.ggml.model "gpt2", pre-tokenizer "gpt2") with its merges, special
-tokens as control tokens, bos / eos / pad ids and `tokenizer.chat_template`. Other tokenizer kinds
-and other architectures are refused with the reason.
+Tokenizer: byte-level BPE (tokenizer.ggml.model "gpt2", pre-tokenizer "gpt2") with its merges, or
+SentencePiece-style unigram ("t5", llama.cpp's UGM: pieces with their log-probability scores, unk, a space
+prefix); special tokens as control tokens, bos / eos / pad ids and `tokenizer.chat_template`. Other
+tokenizer kinds and other architectures are refused with the reason.
 """
 
 from __future__ import annotations
@@ -96,24 +97,15 @@ def _tokenizer_metadata(writer, tokenizer_dir: Path, config) -> None:
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model", {})
     pre = json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise ConfigError(f"{path}: a {model.get('type')} tokenizer; GGUF export supports byte-level BPE "
-                          f"(lmstack tokenizer train --kind bpe), which llama.cpp reads as 'gpt2'")
-    vocab: dict[str, int] = dict(model["vocab"])
     special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    vocab.update(special)
-    size = max(config.vocab_size, max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [5] * size  # unused
-    for token, i in vocab.items():
-        tokens[i] = token
-        types[i] = 3 if token in special else 1  # control / normal
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if model.get("type") == "BPE" and "ByteLevel" in pre:
+        _byte_level_bpe(writer, model, special, config)
+    elif model.get("type") == "Unigram" and "Metaspace" in pre:
+        _unigram(writer, model, special, config, path)
+    else:
+        raise ConfigError(f"{path}: a {model.get('type')} tokenizer; GGUF export supports byte-level BPE "
+                          f"(lmstack tokenizer train --kind bpe), which llama.cpp reads as 'gpt2', and "
+                          f"SentencePiece-style unigram (--kind unigram), which it reads as 't5'")
     for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                      ("pad_token_id", writer.add_pad_token_id)):
         value = getattr(config, key)
@@ -130,6 +122,53 @@ def _tokenizer_metadata(writer, tokenizer_dir: Path, config) -> None:
         template = (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if isinstance(template, str):
         writer.add_chat_template(template)
+
+
+def _token_table(pieces: dict[str, int], special: dict[str, int], config) -> tuple[list[str], list[int]]:
+    """Tokens by id and their llama.cpp types (1 normal, 3 control, 5 unused for ids past the tokenizer's
+    vocabulary that the embedding still has)."""
+    size = max(config.vocab_size, max([*pieces.values(), *special.values()]) + 1)
+    tokens, types = [f"[PAD{i}]" for i in range(size)], [5] * size
+    for token, i in {**pieces, **special}.items():
+        tokens[i], types[i] = token, 3 if token in special else 1
+    return tokens, types
+
+
+def _byte_level_bpe(writer, model: dict, special: dict[str, int], config) -> None:
+    tokens, types = _token_table(dict(model["vocab"]), special, config)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+
+
+def _unigram(writer, model: dict, special: dict[str, int], config, path: Path) -> None:
+    """SentencePiece-style unigram: llama.cpp's UGM tokenizer ("t5"), which segments by the highest total log
+    probability as the unigram model does (its "llama" SPM tokenizer merges pairs greedily, which is right for
+    BPE-trained SentencePiece vocabularies, not for these). The pieces' scores are the unigram log
+    probabilities; '▁' marks a word start and a space prefix is added. What GGUF cannot carry: the NFKC
+    normaliser (llama.cpp's UGM normalises through a SentencePiece precompiled charsmap, which only
+    SentencePiece's builder writes), so text that is not already NFKC-normalised may split differently."""
+    if model.get("byte_fallback"):
+        raise ConfigError(f"{path}: a unigram tokenizer with byte fallback; GGUF export supports it without")
+    pieces = {piece: i for i, (piece, _) in enumerate(model["vocab"])}
+    tokens, types = _token_table(pieces, special, config)
+    scores = [0.0] * len(tokens)
+    for i, (_, score) in enumerate(model["vocab"]):
+        scores[i] = float(score)
+    unk = model.get("unk_id")
+    if unk is not None:
+        types[unk] = 2  # unknown
+        writer.add_unk_token_id(int(unk))
+    writer.add_tokenizer_model("t5")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(True)
+    writer.add_remove_extra_whitespaces(False)
 
 
 def export_gguf(model, tokenizer_dir: str | Path, out: str | Path, qtype: str = "q8_0") -> dict:

@@ -155,6 +155,42 @@ def _check_q4_k_m(transformers, wide_llama_dir, tmp_path):
     assert (ours - theirs).abs().max() <= 0.2 * ours.abs().max()
 
 
+def test_sentencepiece_style_unigram_exports_as_llama_cpps_ugm_and_transformers_reads_it(tmp_path):
+    """A unigram tokenizer goes out as llama.cpp's "t5" (UGM) vocabulary: pieces, their log-probability
+    scores and unk; transformers' GGUF reader rebuilds a unigram tokenizer from it that splits text into
+    lmstack's ids. (That reader fixes unk at id 2 and collapses runs of spaces, as T5 does, so the texts
+    here have known characters and single spaces; llama.cpp reads unk from the file.)"""
+    import json
+    import pydoc_data.topics
+
+    transformers = pytest.importorskip("transformers")
+    from lmstack.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(iter(list(pydoc_data.topics.topics.values())[:30]), "unigram", 400)
+    cfg = lmstack.ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=1, num_heads=4,
+                              num_kv_heads=2, intermediate_size=128, max_seq_len=64,
+                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    directory = tmp_path / "model"
+    lmstack.save_model(lmstack.Transformer(cfg), directory, extra_files=tokenizer.files())
+    path = tmp_path / "model.gguf"
+    export_gguf(lmstack.load_model(directory), directory, path, "f32")
+
+    reader = gguf.GGUFReader(str(path))
+    spec = json.loads((directory / "tokenizer.json").read_text())["model"]
+    field = reader.fields["tokenizer.ggml.model"]
+    assert bytes(field.parts[field.data[0]]).decode() == "t5"
+    scores = reader.fields["tokenizer.ggml.scores"]
+    assert [float(scores.parts[i][0]) for i in scores.data][:len(spec["vocab"])] == \
+        pytest.approx([score for _, score in spec["vocab"]], rel=1e-6)
+    unk = reader.fields["tokenizer.ggml.unknown_token_id"]
+    assert int(unk.parts[unk.data[0]][0]) == spec["unk_id"]
+
+    peer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in ["The quick brown fox, def f(x): return x", "Python's 'with' statement is used to wrap blocks.",
+                 "If the expression list is empty, None is substituted."]:
+        assert peer.encode(text, add_special_tokens=False) == tokenizer.encode(text), text
+
+
 def test_unsupported_models_are_refused(tmp_path, llama_dir):
     gpt2 = lmstack.Transformer(lmstack.preset("gpt2", num_layers=1, hidden_size=64, num_heads=2, vocab_size=300,
                                               bos_token_id=None, eos_token_id=None))
