@@ -90,6 +90,10 @@ class KVPrefix(nn.Module):
         if self.training or torch.is_grad_enabled():
             self._memo = None
             return self.compute(model)
+        if torch.compiler.is_compiling():
+            # A compiled decode step freezes the weights into constants, so inductor folds this computation
+            # into constants too; the memo's key (parameter versions) is not something a graph can guard on.
+            return self.compute(model)
         # Inference: the prefix changes only when a weight does (a decode step must not rerun P tokens).
         params = model.parameters() if self.depends_on_model() else self.parameters()
         key = (tuple((id(p), p._version, p.device, p.dtype) for p in params),
@@ -140,7 +144,8 @@ class PromptEncoder(KVPrefix):
 
     peft_type = "P_TUNING"
 
-    def __init__(self, cfg: PTuningConfig, d: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, cfg: PTuningConfig, d: int, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__(cfg.num_virtual_tokens)
         h = cfg.encoder_hidden_size
         kw = {"device": device, "dtype": dtype}
