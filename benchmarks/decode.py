@@ -11,8 +11,10 @@ copying a 256 MiB buffer) measured in the same run. The CPU model and its vector
 
 Weight-only int8 and int4 at batch 1 (issue 13), beside fp32 in the same run: the same model quantized by
 lmstack.quant (int8: RTN symmetric per output channel, `_weight_int8pack_mm`; int4: RTN in groups of 32,
-1376 = 43 x 32, `_weight_int4pack_mm_for_cpu`; the tied embedding / head stays fp32), decoded the way the
-fp32 batch-1 figure was (compiled unless --no-compile). "int8_ratio_vs_fp32" / "int4_ratio_vs_fp32" are
+1376 = 43 x 32, `_weight_int4pack_mm_for_cpu`; the tied head quantized the same way as its own copy, since a
+decode step reads all of it, while the embedding stays fp32: a lookup reads one row), decoded the way the
+fp32 batch-1 figure was (compiled unless --no-compile; compiled, inductor lowers the int8 op to its own C++
+weight-only-int8 GEMM). "int8_ratio_vs_fp32" / "int4_ratio_vs_fp32" are
 decode tokens/s over that fp32 figure, "..._prefill_ratio_vs_fp32" prefill time fp32 over quantized
 (above 1: faster). --no-quant skips them; the 1-minute load average before and after is printed, since
 the shared machine's figures swing with it.
@@ -151,7 +153,8 @@ def quantized_runs(fp32: lmstack.Transformer, ids: torch.Tensor, compile: bool, 
         reference = lmstack_run(fp32, ids[:1], compile, repeats)
     result["quant_reference"] = "fp32 " + ("compiled" if compile else "eager") + ", batch 1"
     result["kernel_activation_dtype"] = str(KERNEL_DTYPE).removeprefix("torch.")
-    for name, cfg in {"int8": QuantConfig("rtn", 8, None, symmetric=True), "int4": QuantConfig("rtn", 4, 32)}.items():
+    for name, cfg in {"int8": QuantConfig("rtn", 8, None, symmetric=True, include_head=True),
+                      "int4": QuantConfig("rtn", 4, 32, include_head=True)}.items():
         model = copy.deepcopy(fp32)
         report = quantize_model(model, cfg)
         measured = lmstack_run(model, ids[:1], compile, repeats)

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
     p.add_argument("--alpha", type=number, default=0.5, help="smoothquant migration strength [0.5]")
     p.add_argument("--no-clip", action="store_true", help="awq: skip the clipping search")
-    p.add_argument("--include-head", action="store_true", help="also quantize an untied lm_head")
+    p.add_argument("--include-head", action="store_true", help="also quantize lm_head (a tied head gets its own quantized copy; the embedding stays full precision)")
     p.add_argument("--target-bits", type=number, default=None,
                    help="mixed precision (rtn / gptq): scan each layer at 3/4/8 bits and choose widths for this "
                         "average (e.g. 3.5)")

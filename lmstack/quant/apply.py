@@ -42,7 +42,7 @@ class QuantConfig:
     alpha: float = 0.5  # smoothquant's migration strength
     awq_grid: int = 20  # awq: alphas 0, 1/grid, ... (grid-1)/grid
     awq_clip: bool = True  # awq: search a clipping ratio per layer after scaling
-    include_head: bool = False  # also quantize lm_head (untied heads only)
+    include_head: bool = False  # also quantize lm_head (a tied one as its own copy; the embedding stays)
     bits_per_layer: dict[str, int] = field(default_factory=dict)  # mixed precision: full name -> bits
 
     def check(self) -> None:
@@ -84,11 +84,14 @@ def model_nbytes(model: nn.Module) -> tuple[int, int]:
     parameters their dtype's size; tied weights once."""
     seen: set[int] = set()
     total_bytes, total_params = 0, 0
+    config = getattr(model, "config", None)
+    copied_head = getattr(model, "lm_head", None) if getattr(config, "tie_word_embeddings", False) else None
     for module in model.modules():
         if isinstance(module, QUANTIZED_MODULES):
             total_bytes += module.nbytes()
-            total_params += module.in_features * module.out_features + (
-                0 if module.bias is None else module.bias.numel())
+            if module is not copied_head:  # a tied head's quantized copy: extra bytes, not extra parameters
+                total_params += module.in_features * module.out_features + (
+                    0 if module.bias is None else module.bias.numel())
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))

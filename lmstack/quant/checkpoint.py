@@ -74,7 +74,7 @@ def save_quantized(model: Transformer, path: str | Path, source_dir: str | Path 
     qconfig = {**getattr(model, "quantization_config", {"quant_method": "lmstack",
                                                          "format_version": FORMAT_VERSION}), "modules": modules}
     state = model.state_dict()
-    if model.config.tie_word_embeddings:
+    if model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         state.pop("lm_head.weight", None)  # the embedding matrix; safetensors stores no shared tensors
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
     hf = config_to_hf(model.config, "float32") | {"quantization_config": qconfig}
@@ -123,7 +123,8 @@ def load_quantized(directory: str | Path, hf: dict, device: torch.device | str |
         raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({e}); copy or save "
                               "it again") from None
     expected = model.state_dict()
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    head_tied = config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear)  # not quantized on its own
+    tied = {"lm_head.weight"} if head_tied else set()
     missing = sorted(set(expected) - set(state) - tied)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -136,7 +137,7 @@ def load_quantized(directory: str | Path, hf: dict, device: torch.device | str |
         if expected[name].is_floating_point() and tensor.dtype != expected[name].dtype and tensor.is_floating_point():
             state[name] = tensor.to(expected[name].dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if head_tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()
     model.quantization_config = {k: v for k, v in qconfig.items() if k != "modules"}

@@ -132,7 +132,11 @@ class IntLinear(nn.Module):
             w = self.int_weight().dequantize(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (M, K)
-        if self.kernel == "int8":
+        if self.kernel == "int8" and torch.compiler.is_compiling():
+            # Inside a compiled decode step inductor lowers the aten op itself, to its C++ weight-only-int8 GEMM
+            # template (AVX-512 / AMX micro-kernels, the frozen weights pre-packed): faster than the opaque call.
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.w_int8, self.kernel_scales)
+        elif self.kernel == "int8":
             y = int8_weight_mm(flat, self.w_int8, self.kernel_scales)
         else:
             y = int4_weight_mm(flat, self.w_int4, self.group_size, self.scales_and_zeros)
@@ -260,11 +264,14 @@ QUANTIZED_MODULES = (IntLinear, NF4Linear, Int8DynamicLinear)
 
 
 def target_linears(model: nn.Module, include_head: bool = False) -> dict[str, nn.Linear]:
-    """Full name -> linear leaf that quantization replaces (block linears, and the head when asked and untied)."""
+    """Full name -> linear leaf that quantization replaces (block linears, and the head when asked).
+
+    A head tied to the embedding is quantized as its own copy: the embedding stays in full precision (a
+    lookup reads one row per token; the head reads the whole matrix every decode step, which is what
+    weight-only quantization saves)."""
     targets = {name: m for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and name.startswith("model.layers.")}
-    tied = model.lm_head.weight is model.model.embed_tokens.weight if isinstance(model.lm_head, nn.Linear) else False
-    if include_head and isinstance(model.lm_head, nn.Linear) and not tied:
+    if include_head and isinstance(model.lm_head, nn.Linear):
         targets["lm_head"] = model.lm_head
     return targets
 

@@ -140,6 +140,34 @@ def test_quantized_head_generates(tiny):
     assert len(out.token_ids[0]) == 4
 
 
+def test_a_tied_head_is_quantized_as_its_own_copy_and_round_trips(tmp_path):
+    """include_head on a tied model: the head becomes an int8 copy (what every decode step reads), the
+    embedding stays fp32 and tied to nothing; the directory loads back to the same logits; the report counts
+    the copy's bytes but not its parameters twice."""
+    torch.manual_seed(0)
+    model = lmstack.Transformer(lmstack.ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                                                    num_kv_heads=2, intermediate_size=128, max_seq_len=64,
+                                                    tie_word_embeddings=True)).eval()
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(0, 256, (2, 12))
+    report = quantize_model(model, QuantConfig("rtn", 8, None, symmetric=True, include_head=True))
+    assert isinstance(model.lm_head, IntLinear) and torch.equal(model.model.embed_tokens.weight, embedding)
+    assert report.total_parameters == sum(p.numel() for p in lmstack.Transformer(model.config).parameters())
+    head = model.lm_head.int_weight().dequantize()
+    assert (head - embedding).abs().max() <= embedding.abs().amax(1).max() / 127  # within one int8 step
+    with torch.no_grad():
+        logits = model(ids)
+        hidden = model.hidden_states(ids)
+        # the packed kernel takes and returns bf16 activations where the CPU has native bf16 (lmstack.quant.linear)
+        expected = (hidden.to(KERNEL_DTYPE).float() @ head.T).to(KERNEL_DTYPE).float()
+        torch.testing.assert_close(logits, expected, atol=1e-3, rtol=1e-2)
+    save_quantized(model, tmp_path / "q")
+    loaded = lmstack.load_model(tmp_path / "q").eval()
+    assert isinstance(loaded.lm_head, IntLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), logits)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", [QuantConfig("rtn", 8, None, True), QuantConfig("rtn", 4, 32)], ids=["int8", "int4"])
 def test_compiled_decode_runs_the_packed_kernels(tiny, cfg):
