@@ -72,7 +72,8 @@ class Scorer:
     """Batched, shared-context log-likelihood scoring for a CausalLM.
 
     batch_size: rows per forward, an item each (several when short items share a tree row).
-    max_length: the longest window the model may see (default: its max_seq_len). A context that does not
+    max_length: the longest window the model may see (default: its max_seq_len less any virtual tokens of a
+    prompt / prefix adapter). A context that does not
     fit beside its longest continuation keeps its last tokens (counted in `stats.truncated`), or raises
     DataError with `strict`.
     """
@@ -80,7 +81,10 @@ class Scorer:
     def __init__(self, model: CausalLM, batch_size: int = 8, max_length: int | None = None, strict: bool = False):
         self.model = model
         self.batch_size = max(1, int(batch_size))
-        self.max_length = int(max_length or model.config.max_seq_len)
+        # virtual tokens of a prompt / prefix adapter (kv_prefix) take the first positions of every window
+        prefix = getattr(model, "kv_prefix", None)
+        virtual = prefix.num_virtual_tokens if prefix is not None else 0
+        self.max_length = int(max_length or model.config.max_seq_len - virtual)
         self.strict = strict
         self.device = model_device(model)
         self.precision = resolve_precision("auto", self.device)

@@ -170,3 +170,28 @@ def test_strided_windows_score_every_token_once_with_at_most_the_window(stride, 
     total = sum(s[0].logprob for s in Scorer(model, batch_size=4).score(windows))
     alone = sum(reference(model, w)[0][0] for w in windows)
     assert total == pytest.approx(alone, abs=1e-3)
+
+
+def test_tree_rows_under_a_prompt_tuning_prefix_equal_the_full_forward():
+    """Virtual tokens (kv_prefix) every query sees and positions shifted by them: the tree mask gains their keys."""
+    from lmstack.adapters.prompt import PromptTuningConfig, apply_prompt_tuning
+
+    torch.manual_seed(2)
+    config = lmstack.ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=128, max_seq_len=64, init_std=0.1)
+    model = lmstack.Transformer(config).eval()
+    apply_prompt_tuning(model, PromptTuningConfig(num_virtual_tokens=5))
+    items = [Item([7, 8, 9], [[1, 2], [3, 4, 5, 6], [10]]), Item(list(range(20, 30)), [[5], [6, 7, 8]]),
+             Item([40], [[41, 42, 43], [44, 45]])]
+    scorer = Scorer(model, batch_size=2)
+    scores = scorer.score(items)
+    assert scorer.stats.forwards == 1  # all three trees in one forward of two rows
+    # windows leave room for the 5 virtual tokens: a long item's context keeps its last 64 - 5 + 1 - 4 tokens
+    long_item = Item(list(range(1, 60)), [[1, 2, 3, 4], [5, 6]])
+    items.append(long_item)
+    scorer = Scorer(model, batch_size=2)
+    scores += scorer.score([long_item])
+    assert scorer.stats.truncated == 1
+    for item, item_scores in zip(items, scores):
+        kept = Item(item.context[-56:], item.continuations)
+        assert [s.logprob for s in item_scores] == pytest.approx([r[0] for r in reference(model, kept)], abs=2e-5)
