@@ -212,12 +212,14 @@ class Scorer:
             owner.append(row_owner + [-1] * pad)
             branch.append(row_branch + [0] * pad)
         ids, positions, owner, branch = (torch.tensor(x) for x in (ids, positions, owner, branch))  # (R, T) each
-        same_item = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)  # (R, T, T): query, key
-        in_branch = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # key in context or own
-        offset = positions[:, :, None] - positions[:, None, :]  # query position - key position
-        mask = same_item & in_branch & (offset >= 0)
-        if self.model.config.sliding_window is not None:
-            mask &= offset < self.model.config.sliding_window
+        # (R, T, T), query by key: the same item, the key in the context or the query's own branch, and not after
+        # the query (within one item's context and branch, position order is index order: a lower triangle)
+        mask = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
+        mask &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+        mask &= torch.ones(T, T, dtype=torch.bool).tril()
+        window = self.model.config.sliding_window
+        if window is not None:
+            mask &= (positions[:, :, None] - positions[:, None, :]) < window  # query position - key position
         mask |= torch.eye(T, dtype=torch.bool)  # a padding query sees itself (no all-masked row, no NaN)
         device = self.device
         hidden = self.model.hidden_states(ids.to(device), attention_mask=mask[:, None].to(device),
@@ -236,7 +238,8 @@ class Scorer:
         scores, at = [], 0
         for row in rows:
             for item in row:
-                scores.append([Score(total[at + j], misses[at + j] == 0, len(c)) for j, c in enumerate(item.continuations)])
+                scores.append([Score(total[at + j], misses[at + j] == 0, len(c))
+                               for j, c in enumerate(item.continuations)])
                 at += len(item.continuations)
         return scores
 
@@ -332,7 +335,8 @@ class Scorer:
         if source is None:
             source = torch.arange(len(targets), device=hidden.device)
         chunk = max(1, _HEAD_CHUNK_ELEMENTS // self.model.config.vocab_size)
-        bounds = torch.searchsorted(source, torch.arange(0, hidden.shape[0] + chunk, chunk, device=hidden.device)).tolist()
+        starts = torch.arange(0, hidden.shape[0] + chunk, chunk, device=hidden.device)
+        bounds = torch.searchsorted(source, starts).tolist()  # targets [bounds[k], bounds[k+1]) read chunk k
         logprobs, greedy = [], []
         for k, start in enumerate(range(0, hidden.shape[0], chunk)):
             logits = self.model.head(hidden[start:start + chunk]).float()  # (n, V)
