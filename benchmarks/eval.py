@@ -6,9 +6,10 @@ lm-eval loads that directory through transformers. Task: the first --items Hella
 (0- and 5-shot, lm-eval's hellaswag preprocessing, examples from other items of the same activity), the same context and " " + ending continuations for both.
 Both sides are timed from text to log-likelihoods (tokenization included): lmstack's
 `evaluate_multiple_choice`, lm-eval's `HFLM.loglikelihood` on the identical (context, continuation) requests.
-Batch size: --batch-size for both (lm-eval counts (context, ending) requests per forward, lmstack items,
-each item's 4 endings share one context pass); --peer-batch-size sets lm-eval's separately. Best of --repeats
-interleaved runs; the max log-likelihood difference and the agreement of acc / acc_norm are checked too.
+Batch size: --batch-size for both (lm-eval counts (context, ending) requests per forward; lmstack counts rows,
+each an item's context with its 4 endings as a tree, several short items sharing a row); --peer-batch-size sets
+lm-eval's separately. Best of --repeats runs, lmstack and lm-eval alternating; the max log-likelihood difference
+and the agreement of acc / acc_norm are checked too.
 
 Prints one JSON line per --shots value (default 0 and 5: few-shot prompts make the shared context longer).
 """

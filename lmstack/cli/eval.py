@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", nargs="+", default=[], metavar="PATH", help="data file(s) or directory")
     parser.add_argument("--shots", type=integer, help="few-shot examples (default: the task's: mmlu 5, gsm8k 5, else 0)")
     parser.add_argument("--limit", type=integer, help="evaluate the first N items only")
-    parser.add_argument("--batch-size", type=integer, default=8, help="items per forward (default 8)")
+    parser.add_argument("--batch-size", type=integer, default=8,
+                        help="rows per forward: an item each, or several short multiple-choice items (default 8)")
     parser.add_argument("--out", help="write results.json, results.md, samples.jsonl (and subjects.png) here")
     parser.add_argument("--strict", action="store_true",
                         help="a prompt longer than the context is an error (default: keep its last tokens and count)")

@@ -4,21 +4,29 @@ An item is a context and one or more continuations (a question and its answer ch
 For each continuation the scorer returns log p(continuation | context), summed over its tokens, and
 whether every continuation token is the model's argmax (lm-evaluation-harness's `is_greedy`).
 
-Multiple continuations share their context, which runs once per item:
+Multiple continuations share their context, which runs once per item, as a tree:
+
+    row    context c1..cP | choice 1 minus its last token | choice 2 minus its last token | ...
+    mask   the context causal; each choice sees the context and itself (causally), never another choice
+    pos    0..P-1         | P, P+1, ...                   | P, P+1, ...                   (from the context's end)
+
+so one forward scores every choice (the context's last position predicts every first token). Several items
+share a row when they fit (each attends only to itself, positions restarting): a forward of B rows is as long
+as its longest item and short items fill the rest of the rows instead of padding (`pack_rows`). An item whose
+tree would overrun the model's context falls back to two stages:
 
     stage 1  contexts, left-padded (B, P) -> KV cache slots [0, P); the last position's log-probs (B, V)
              score every choice's first token
     stage 2  each choice minus its last token, right-padded (R, C-1), R = all choices of the B items,
-             at slots [P, P+C-1) over a copy of its item's context cache -> log-probs of tokens 2..n;
-             rows run longest first in groups of similar length, so choices of uneven length pad little
+             at slots [P, P+C-1) over a copy of its item's context cache -> log-probs of tokens 2..n
 
 A single continuation (rolling perplexity windows) takes one plain forward of (context + continuation)[:-1]
-instead. Either way the head runs only on the positions that score a token, in chunks, so (B, T, V)
-logits never exist. Padding is masked and positions count real tokens only, so an item scores the same
-alone as in any batch (up to float rounding: batch sizes 1, 4 and 16 agree to ~1e-6, a test).
+instead. Either way the head runs only on the positions that score a token (once per position), in chunks,
+so (B, T, V) logits never exist. Padding is masked and positions count real tokens only, so an item scores
+the same alone as in any batch (up to float rounding: batch sizes 1, 4 and 16 agree to ~1e-6, a test).
 
-Items are batched longest context first (less padding); results come back in the input order.
-Shapes: B items, R continuation rows, P context slots, C continuation tokens, S cache slots, d width, V vocab.
+Results come back in the input order.
+Shapes: B items, R rows, T row length, P context slots, C continuation tokens, d width, V vocab.
 """
 
 from __future__ import annotations
@@ -63,7 +71,9 @@ class ScoreStats:
 class Scorer:
     """Batched, shared-context log-likelihood scoring for a CausalLM.
 
-    max_length: the longest window the model may see (default: its max_seq_len). A context that does not
+    batch_size: rows per forward, an item each (several when short items share a tree row).
+    max_length: the longest window the model may see (default: its max_seq_len less any virtual tokens of a
+    prompt / prefix adapter). A context that does not
     fit beside its longest continuation keeps its last tokens (counted in `stats.truncated`), or raises
     DataError with `strict`.
     """
@@ -71,7 +81,10 @@ class Scorer:
     def __init__(self, model: CausalLM, batch_size: int = 8, max_length: int | None = None, strict: bool = False):
         self.model = model
         self.batch_size = max(1, int(batch_size))
-        self.max_length = int(max_length or model.config.max_seq_len)
+        # virtual tokens of a prompt / prefix adapter (kv_prefix) take the first positions of every window
+        prefix = getattr(model, "kv_prefix", None)
+        virtual = prefix.num_virtual_tokens if prefix is not None else 0
+        self.max_length = int(max_length or model.config.max_seq_len - virtual)
         self.strict = strict
         self.device = model_device(model)
         self.precision = resolve_precision("auto", self.device)
@@ -79,25 +92,34 @@ class Scorer:
 
     # ------------------------------------------------------------------ public
     def score(self, items: Sequence[Item], progress: Callable[[int], None] | None = None) -> list[list[Score]]:
-        """Per item, per continuation: its Score. `progress(n)` is called after each batch with its item count."""
+        """Per item, per continuation: its Score. `progress(n)` is called after each forward with its item count."""
         items = [self._fit(i, item) for i, item in enumerate(items)]
-        order = sorted(range(len(items)), key=lambda i: (-len(items[i].context), -_longest(items[i])))
+        tree, single, shared = [], [], []
+        for i, item in enumerate(items):
+            if len(item.continuations) == 1:
+                single.append(i)
+            elif _tree_length(item) <= self.max_length:
+                tree.append(i)
+            else:  # its tree row would overrun the model's context: context cache + choices instead
+                shared.append(i)
+        single.sort(key=lambda i: -len(items[i].context) - _longest(items[i]))  # longest first: less padding
+        shared.sort(key=lambda i: (-len(items[i].context), -_longest(items[i])))
         results: list[list[Score]] = [[] for _ in items]
-        for start in range(0, len(order), self.batch_size):
-            batch = [items[i] for i in order[start:start + self.batch_size]]
-            shared = [item for item in batch if len(item.continuations) > 1]
-            single = [item for item in batch if len(item.continuations) == 1]
+
+        def run(score: Callable, batch: list[int], inputs: list) -> None:
             with torch.no_grad(), autocast(self.device, self.precision):
-                scored: dict[int, list[Score]] = {}
-                if shared:
-                    scored.update(zip(map(id, shared), self._score_shared(shared)))
-                if single:
-                    scored.update(zip(map(id, single), self._score_single(single)))
-            for i, item in zip(order[start:start + self.batch_size], batch):
-                results[i] = scored[id(item)]
+                for i, item_scores in zip(batch, score(inputs)):
+                    results[i] = item_scores
             self.stats.items += len(batch)
             if progress is not None:
                 progress(len(batch))
+
+        for rows in pack_rows(tree, [_tree_length(items[i]) for i in tree], self.batch_size):
+            run(self._score_tree, [i for row in rows for i in row], [[items[i] for i in row] for row in rows])
+        for score, indices in ((self._score_single, single), (self._score_shared, shared)):
+            for at in range(0, len(indices), self.batch_size):
+                batch = indices[at:at + self.batch_size]
+                run(score, batch, [items[i] for i in batch])
         return results
 
     # ------------------------------------------------------------------ checks
@@ -151,6 +173,74 @@ class Scorer:
             n = len(item.continuations[0])
             scores.append([Score(float(logprob[at:at + n].sum()), bool(greedy[at:at + n].all()), n)])
             at += n
+        return scores
+
+    # ------------------------------------------------------------------ several continuations: tree rows
+    def _score_tree(self, rows: list[list[Item]]) -> list[list[Score]]:
+        """Items as trees packed in rows: each item's context, then every continuation minus its last token,
+        each attending to its own context and to itself only, its positions continuing from the context's end.
+        One forward of (rows, T) scores every choice of every item; scores come back item by item, row order."""
+        ids, positions, owner, branch = [], [], [], []  # per row; owner: the item's place in its row
+        sources, targets, choice_of = [], [], []  # per scored token: the position (flat row-major) predicting it
+        T = max(sum(_tree_length(item) for item in row) for row in rows)
+        choices = 0
+        for r, row in enumerate(rows):
+            row_ids, row_pos, row_owner, row_branch = [], [], [], []
+            for o, item in enumerate(row):
+                P, start = len(item.context), len(row_ids)
+                row_ids += item.context
+                row_pos += range(P)
+                row_owner += [o] * P
+                row_branch += [0] * P
+                last = r * T + start + P - 1  # the context's last position predicts every first token
+                sources += [last] * len(item.continuations)
+                targets += [c[0] for c in item.continuations]
+                choice_of += range(choices, choices + len(item.continuations))
+                for j, cont in enumerate(item.continuations):
+                    n = len(cont) - 1
+                    sources += range(r * T + len(row_ids), r * T + len(row_ids) + n)
+                    targets += cont[1:]
+                    choice_of += [choices + j] * n
+                    row_ids += cont[:-1]
+                    row_pos += range(P, P + n)
+                    row_owner += [o] * n
+                    row_branch += [j + 1] * n
+                choices += len(item.continuations)
+            pad = T - len(row_ids)
+            ids.append(row_ids + [0] * pad)
+            positions.append(row_pos + [0] * pad)
+            owner.append(row_owner + [-1] * pad)
+            branch.append(row_branch + [0] * pad)
+        ids, positions, owner, branch = (torch.tensor(x) for x in (ids, positions, owner, branch))  # (R, T) each
+        # (R, T, T), query by key: the same item, the key in the context or the query's own branch, and not after
+        # the query (within one item's context and branch, position order is index order: a lower triangle)
+        mask = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
+        mask &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+        mask &= torch.ones(T, T, dtype=torch.bool).tril()
+        window = self.model.config.sliding_window
+        if window is not None:
+            mask &= (positions[:, :, None] - positions[:, None, :]) < window  # query position - key position
+        mask |= torch.eye(T, dtype=torch.bool)  # a padding query sees itself (no all-masked row, no NaN)
+        device = self.device
+        hidden = self.model.hidden_states(ids.to(device), attention_mask=mask[:, None].to(device),
+                                          position_ids=positions.to(device))  # (R, T, d)
+        self._count(ids.numel())
+
+        # the head once per predicting position (a context's last one serves all its choices' first tokens)
+        sources = torch.tensor(sources)
+        unique, source_row = torch.unique_consecutive(sources, return_inverse=True)
+        logprob, greedy = self._token_scores(hidden.flatten(0, 1)[unique.to(device)], targets,
+                                             source_row.to(device))  # (N,) each
+        choice_of = torch.tensor(choice_of, device=device)
+        total = torch.zeros(choices, dtype=torch.float64, device=device).index_add_(0, choice_of, logprob.double())
+        misses = torch.zeros(choices, device=device).index_add_(0, choice_of, (~greedy).float())
+        total, misses = total.tolist(), misses.tolist()
+        scores, at = [], 0
+        for row in rows:
+            for item in row:
+                scores.append([Score(total[at + j], misses[at + j] == 0, len(c))
+                               for j, c in enumerate(item.continuations)])
+                at += len(item.continuations)
         return scores
 
     # ------------------------------------------------------------------ several continuations: shared context
@@ -237,16 +327,23 @@ class Scorer:
         return total, misses
 
     # ------------------------------------------------------------------ the head, only where a token is scored
-    def _token_scores(self, hidden: torch.Tensor, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (N, d) and N target ids -> (log p(target) (N,) fp32, target is the argmax (N,) bool)."""
+    def _token_scores(self, hidden: torch.Tensor, targets: list[int],
+                      source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (M, d) and N target ids, target i predicted by hidden row source[i] (default: row i; sorted)
+        -> (log p(target) (N,) fp32, target is the argmax (N,) bool)."""
         target = torch.tensor(targets, dtype=torch.long, device=hidden.device)
+        if source is None:
+            source = torch.arange(len(targets), device=hidden.device)
         chunk = max(1, _HEAD_CHUNK_ELEMENTS // self.model.config.vocab_size)
+        starts = torch.arange(0, hidden.shape[0] + chunk, chunk, device=hidden.device)
+        bounds = torch.searchsorted(source, starts).tolist()  # targets [bounds[k], bounds[k+1]) read chunk k
         logprobs, greedy = [], []
-        for start in range(0, hidden.shape[0], chunk):
+        for k, start in enumerate(range(0, hidden.shape[0], chunk)):
             logits = self.model.head(hidden[start:start + chunk]).float()  # (n, V)
-            t = target[start:start + chunk]
-            logprobs.append(logits.log_softmax(-1).gather(-1, t[:, None]).squeeze(-1))
-            greedy.append(logits.argmax(-1) == t)
+            lo, hi = bounds[k], bounds[k + 1]
+            row, t = source[lo:hi] - start, target[lo:hi]
+            logprobs.append(logits.log_softmax(-1)[row, t])
+            greedy.append(logits.max(-1).indices[row] == t)  # the first maximum, as argmax (slower on the CPU)
         return torch.cat(logprobs), torch.cat(greedy)
 
     def _count(self, positions: int) -> None:
@@ -256,6 +353,31 @@ class Scorer:
 
 def _longest(item: Item) -> int:
     return max(len(c) for c in item.continuations)
+
+
+def pack_rows(indices: list[int], lengths: list[int], rows_per_forward: int) -> list[list[list[int]]]:
+    """Forwards of at most `rows_per_forward` rows, each row a list of items (their `indices`) whose `lengths`
+    add up to at most the forward's longest item. Longest first; a row starts with the longest item left and
+    is filled with the shortest ones that fit, so short items share rows instead of padding them."""
+    order = sorted(range(len(indices)), key=lambda k: -lengths[k])
+    forwards, first, last = [], 0, len(order) - 1
+    while first <= last:
+        capacity, rows = lengths[order[first]], []
+        while first <= last and len(rows) < rows_per_forward:
+            row, room = [indices[order[first]]], capacity - lengths[order[first]]
+            first += 1
+            while first <= last and lengths[order[last]] <= room:
+                row.append(indices[order[last]])
+                room -= lengths[order[last]]
+                last -= 1
+            rows.append(row)
+        forwards.append(rows)
+    return forwards
+
+
+def _tree_length(item: Item) -> int:
+    """Positions an item's tree row takes: the context and every continuation minus its last token."""
+    return len(item.context) + sum(len(c) - 1 for c in item.continuations)
 
 
 def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> list[Item]:

@@ -35,7 +35,8 @@ class CausalLM(Protocol):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None,
                       cache_slots: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> the final hidden states (B, T, d), before the head."""
+        """input_ids (B, T) -> the final hidden states (B, T, d), before the head. attention_mask: (B, T) 1/0 or
+        segment ids, or a boolean (B, 1, T, S) pattern used as given (then with explicit position_ids)."""
         ...
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

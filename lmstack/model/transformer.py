@@ -171,7 +171,9 @@ class Transformer(nn.Module):
 
         attention_mask: (B, T) without a cache, (B, S_max) over cache slots with one; 1 = real token, 0 = padding.
           Values above 1 are segment ids: several samples packed in one row (1, 2, ...) attend only within their
-          own segment; pass their restarting position_ids too.
+          own segment; pass their restarting position_ids too. Or a boolean (B, 1, T, S) mask used as given (True =
+          may attend; it must let every query see at least itself), with explicit position_ids: any attention
+          pattern, e.g. a tree of continuations sharing one context (lmstack.eval.loglikelihood).
         position_ids: (B, T); by default counted from the attention mask, so left-padded rows start at 0.
         cache_slots: cache slots to write this chunk's keys/values to (requires a KV cache): (T,) shared by
             every row, or (B, T) with each row at its own slots (rows of one batch at different lengths).
@@ -194,9 +196,14 @@ class Transformer(nn.Module):
         P = 0 if prefix is None else prefix[0][0].shape[2]
         if P:
             self._check_prefix_fits(P, T, use_cache)
-        if position_ids is None:
-            position_ids = self._default_positions(B, T, attention_mask, cache_slots, device)
-        mask = self._attention_mask(T, attention_mask, cache_slots, device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if position_ids is None or attention_mask.dtype != torch.bool:
+                raise ValueError("a (B, 1, T, S) attention_mask must be boolean and comes with explicit position_ids")
+            mask = attention_mask  # the caller's pattern: causality, padding and any window are its job
+        else:
+            if position_ids is None:
+                position_ids = self._default_positions(B, T, attention_mask, cache_slots, device)
+            mask = self._attention_mask(T, attention_mask, cache_slots, device)
         if P:
             position_ids = position_ids + P
             if mask is None:

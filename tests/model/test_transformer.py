@@ -82,6 +82,23 @@ def test_padding_rows_stay_finite():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("variant", ["llama-gqa", "gpt2-like"])
+def test_an_explicit_boolean_mask_with_positions_is_used_as_given(variant):
+    """A (B, 1, T, T) mask + position_ids: two sequences side by side in one row, each seeing only itself and
+    counting its own positions, give each sequence's own logits (the evaluator's tree rows rely on it)."""
+    model = _model(variant)
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
+    side_by_side = torch.cat([a, b], dim=1)  # (1, 12)
+    owner = torch.tensor([0] * 7 + [1] * 5)
+    mask = (owner[:, None] == owner[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()  # (T, T)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]  # (1, T)
+    with torch.no_grad():
+        out = model(side_by_side, attention_mask=mask[None, None], position_ids=positions)
+        assert torch.allclose(out[:, :7], model(a), atol=1e-5) and torch.allclose(out[:, 7:], model(b), atol=1e-5)
+    with pytest.raises(ValueError, match="position_ids"):
+        model(side_by_side, attention_mask=mask[None, None])
+
+
 def test_initialisation_scales_residual_projections():
     config = ModelConfig(vocab_size=1000, hidden_size=256, num_layers=8, num_heads=4, intermediate_size=512)
     model = Transformer(config)
