@@ -47,6 +47,11 @@ from decode import machine  # benchmarks/decode.py: CPU model and vector flags, 
 
 import lmstack
 
+try:  # the client's event loop: uvloop when installed (the serve extra), as uvicorn's is
+    from uvloop import run
+except ImportError:
+    from asyncio import run
+
 CONFIG = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 704,
           "max_seq_len": 1024, "tie_word_embeddings": True}
 PROMPT_TOKENS = 32
@@ -125,7 +130,7 @@ def concurrency_case(base: str, concurrency: int, args, rng: random.Random, voca
     bodies = [{"prompt": [rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)], "max_tokens": args.max_tokens,
                "ignore_eos": True, "temperature": 0} for _ in range(n)]
     before = scheduler_counters(base)
-    results, wall = asyncio.run(run_concurrent(base + "/v1/completions", bodies, concurrency))
+    results, wall = run(run_concurrent(base + "/v1/completions", bodies, concurrency))
     scheduler = per_step(before, scheduler_counters(base))
     out_tokens = sum(r["chunks"] for r in results)
     tpot = [(r["e2e"] - r["ttft"]) / (r["chunks"] - 1) for r in results if r["chunks"] > 1]
@@ -136,14 +141,11 @@ def concurrency_case(base: str, concurrency: int, args, rng: random.Random, voca
 
 
 def offline_tokens_per_s(model, batch: int, args, rng: random.Random, vocab: int) -> float:
+    """Output tokens/s of one `lmstack.generate` of `batch` fresh prompts at once (warm it up first)."""
     prompts = [[rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(batch)]
-    lmstack.generate(model, None, prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
-        out = lmstack.generate(model, None, prompts, max_new_tokens=args.max_tokens, ignore_eos=True)
-        best = min(best, time.perf_counter() - start)
-    return sum(len(t) for t in out.token_ids) / best
+    start = time.perf_counter()
+    out = lmstack.generate(model, None, prompts, max_new_tokens=args.max_tokens, ignore_eos=True)
+    return sum(len(t) for t in out.token_ids) / (time.perf_counter() - start)
 
 
 def prefix_case(base: str, tokenizer) -> dict:
@@ -162,10 +164,10 @@ def prefix_case(base: str, tokenizer) -> dict:
 
     tokens = len(tokenizer.encode(system(0)))
     url = base + "/v1/chat/completions"
-    uncached = [asyncio.run(run_concurrent(url, [chat(system(5000 + 400 * i), "Why?")], 1))[0][0]["ttft"]
+    uncached = [run(run_concurrent(url, [chat(system(5000 + 400 * i), "Why?")], 1))[0][0]["ttft"]
                 for i in range(6)]
-    asyncio.run(run_concurrent(url, [chat(system(0), "Warm up?")], 1))  # computes and caches the prefix
-    cached = [asyncio.run(run_concurrent(url, [chat(system(0), f"Question {i}?")], 1))[0][0]["ttft"]
+    run(run_concurrent(url, [chat(system(0), "Warm up?")], 1))  # computes and caches the prefix
+    cached = [run(run_concurrent(url, [chat(system(0), f"Question {i}?")], 1))[0][0]["ttft"]
               for i in range(6)]
     return {"case": "prefix_cache", "system_prompt_tokens": tokens,
             "ttft_uncached_ms": round(statistics.median(uncached) * 1e3, 2),
@@ -210,18 +212,40 @@ def soak_case(base: str, pid: int, count: int, rng: random.Random, vocab: int) -
                "max_tokens": rng.randrange(4, 24), "ignore_eos": True, "temperature": 0.8, "seed": i}
               for i in range(count)]
     leave = set(rng.sample(range(count), count // 5))
-    asyncio.run(run_concurrent(base + "/v1/completions", bodies[:16], 16))  # warm-up
-    before = rss_mib(pid)
+    warm = max(16, count // 10)  # the same mix, so that the allocator has seen its shapes before the baseline
+    run(run_concurrent(base + "/v1/completions", bodies[:warm], 16, {i for i in leave if i < warm}))
+    drain(base)
+    before, outcomes = rss_mib(pid), finished(base)
     start = time.perf_counter()
-    asyncio.run(run_concurrent(base + "/v1/completions", bodies, 16, leave))
+    results, _ = run(run_concurrent(base + "/v1/completions", bodies, 16, leave))
     wall = time.perf_counter() - start
-    deadline = time.monotonic() + 10
-    while gauge(base, "lmstack_kv_rows_used") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    drain(base)
+    after = rss_mib(pid)
     return {"case": "soak", "requests": count, "disconnected": len(leave), "seconds": round(wall, 1),
+            "outcomes": {k: v - outcomes.get(k, 0) for k, v in finished(base).items()},
+            "client_chunks": sum(r["chunks"] for r in results),
             "leaked_blocks": int(gauge(base, "lmstack_kv_rows_used")),
+            "running_after": int(gauge(base, "lmstack_requests_running")),
             "waiting_after": int(gauge(base, "lmstack_requests_waiting")),
-            "rss_after_warmup_mib": round(before, 1), "rss_growth_mib": round(rss_mib(pid) - before, 1)}
+            "rss_after_warmup_mib": round(before, 1), "rss_after_soak_mib": round(after, 1),
+            "rss_growth_mib": round(after - before, 1)}
+
+
+def finished(base: str) -> dict[str, int]:
+    """The server's finished requests by outcome (stop, length, cancelled, error)."""
+    out = {}
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("lmstack_requests_finished_total{"):
+            out[line.split('"')[1]] = int(float(line.split()[1]))
+    return out
+
+
+def drain(base: str, timeout: float = 10.0) -> None:
+    """Wait until the server holds no KV rows and runs no request (disconnects are seen a step later)."""
+    deadline = time.monotonic() + timeout
+    while (gauge(base, "lmstack_kv_rows_used") or gauge(base, "lmstack_requests_running")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class Server:
@@ -254,7 +278,10 @@ class Server:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the server and the offline peer (default 1: a 3.5M-parameter model "
+                             "gains nothing from more, and OpenMP spin-waits collapse on a shared machine)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every level and the peer")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=128,
                         help="the throughput server's KV slots per row (the prefix-cache server has the context)")
@@ -262,6 +289,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--soak", type=int, default=100, help="soak requests (default 100)")
     parser.add_argument("--full", action="store_true", help="the full soak of 1,000 requests")
+    parser.add_argument("--cases", nargs="+", choices=["throughput", "soak", "prefix"],
+                        default=["throughput", "soak", "prefix"], help="which cases to run (default all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
@@ -275,23 +304,38 @@ def main() -> None:
         server = Server(directory, args.threads, args.max_len)
         try:
             base = server.base
+            if "throughput" not in args.cases:
+                args.concurrency = []
             concurrency_case(base, 1, argparse.Namespace(max_tokens=4, requests_per_slot=1), rng, vocab)  # warm-up
-            by_level = {}
-            for level in args.concurrency:
-                line = concurrency_case(base, level, args, rng, vocab) | info | {"max_len": args.max_len}
-                by_level[level] = line["tokens_per_s"]
-                print(json.dumps(line), flush=True)
-            if 1 in by_level and 8 in by_level:
-                offline = offline_tokens_per_s(model, 8, args, rng, vocab)
-                print(json.dumps({"case": "scaling", "scaling_8": round(by_level[8] / by_level[1], 2),
-                                  "vs_offline_8": round(by_level[8] / offline, 2),
-                                  "offline_batch8_tokens_per_s": round(offline, 2),
-                                  "served_c8_tokens_per_s": by_level[8], "served_c1_tokens_per_s": by_level[1]} | info),
-                      flush=True)
-            print(json.dumps(soak_case(base, server.process.pid, 1000 if args.full else args.soak, rng, vocab) | info),
-                  flush=True)
+            lmstack.generate(model, None, [[10] * PROMPT_TOKENS] * 8, max_new_tokens=4, ignore_eos=True)  # warm-up
+            # Rounds of every level and the offline peer, interleaved, so that the load of a shared machine
+            # weighs on both sides of a ratio alike; each figure is the median over the rounds.
+            lines: dict[int, list[dict]] = {level: [] for level in args.concurrency}
+            offline: list[float] = []
+            for _ in range(args.rounds):
+                for level in args.concurrency:
+                    lines[level].append(concurrency_case(base, level, args, rng, vocab))
+                if 1 in lines and 8 in lines:
+                    offline.append(offline_tokens_per_s(model, 8, args, rng, vocab))
+            for level, runs in lines.items():
+                ordered = sorted(runs, key=lambda line: line["tokens_per_s"])
+                median = ordered[len(ordered) // 2]
+                print(json.dumps(median | {"rounds": [r["tokens_per_s"] for r in runs], "max_len": args.max_len}
+                                 | info), flush=True)
+            if offline:
+                c1, c8 = ([r["tokens_per_s"] for r in lines[level]] for level in (1, 8))
+                print(json.dumps({"case": "scaling", "scaling_8": round(statistics.median(c8) / statistics.median(c1), 2),
+                                  "vs_offline_8": round(statistics.median(a / b for a, b in zip(c8, offline)), 2),
+                                  "vs_offline_8_rounds": [round(a / b, 2) for a, b in zip(c8, offline)],
+                                  "offline_batch8_tokens_per_s": [round(o, 1) for o in offline],
+                                  "served_c8_tokens_per_s": c8, "served_c1_tokens_per_s": c1} | info), flush=True)
+            if "soak" in args.cases:
+                soak = soak_case(base, server.process.pid, 1000 if args.full else args.soak, rng, vocab)
+                print(json.dumps(soak | info), flush=True)
         finally:
             server.close()
+        if "prefix" not in args.cases:
+            return
         server = Server(directory, args.threads, None)  # rows of the whole context for a ~580-token system prompt
         try:
             print(json.dumps(prefix_case(server.base, tokenizer) | info), flush=True)

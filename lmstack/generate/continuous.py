@@ -189,12 +189,17 @@ class ContinuousBatch:
         if not self._pending and not self._fresh:
             return []
         if self._pending:
-            logits = self.session.decode(self._tokens)  # (R, V)
+            # Rows past the highest one in use hold nothing: a partly empty pool decodes only up to there.
+            live = 1 + max(r for r, s in enumerate(self._sequences) if s is not None)
+            logits = self.session.decode(self._tokens, live)  # (live, V)
             self.decode_steps += 1
             if self._fresh:  # rows prefilled since: their next-token logits are the prefill's
                 fresh = torch.tensor(sorted(self._fresh), device=logits.device)
                 logits.index_copy_(0, fresh, self._logits.index_select(0, fresh))
-            self._logits = logits
+            if logits.shape[0] == self.session.rows:
+                self._logits = logits
+            else:
+                self._logits[:logits.shape[0]] = logits
         chosen: list[tuple[_Request, torch.Tensor, tuple | None]] = []
         for request in self._requests:
             if all(self._sequences[r].finished for r in request.rows):

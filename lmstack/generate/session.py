@@ -54,6 +54,13 @@ def score_tokens(model: CausalLM, tokens: torch.Tensor, slots: torch.Tensor) -> 
         return model(tokens, position_ids=slots, cache_slots=slots).float()
 
 
+def _window(cache: Any, rows: int, slots: int) -> Any:
+    """A view of a layer's cache: rows [0, rows), slots [0, slots); writes go to the cache's memory."""
+    view = cache.rows(0, rows)
+    view.k, view.v = view.k[:, :, :slots], view.v[:, :, :slots]
+    return view
+
+
 def cache_length(prompt_len: int, max_new_tokens: int, context: int, compile: bool) -> int:
     """Slots to allocate. With compile, round up to a power of two (at least 64) so that a whole chat, whose
     prompt grows every turn, needs a handful of compiled graphs rather than one per length (a frozen CPU
@@ -149,13 +156,26 @@ class DecodeSession:
         finally:
             self.model.use_caches(self.caches)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """tokens (R,), one per row, written at each row's next slot -> logits (R, V) fp32; the running rows
-        advance by one. A row that is not running computes too (static shapes) and rewrites its next slot."""
+        advance by one. A row that is not running computes too (static shapes) and rewrites its next slot.
+
+        rows: decode only rows [0, rows) -> logits (rows, V), attending over only the slots they hold
+        (rounded up to a multiple of 64), on a view of the caches; the rows past it must hold nothing (a
+        server's partly empty pool of long rows). Not with compile, whose graph has one shape."""
         self._install()
         # Clamped so that a row left at the end of the cache rewrites its last slot instead of indexing past it.
         slots = self.lengths.clamp(max=self.cache_len - 1)[:, None]  # (R, 1)
-        logits = self._decode_fn(self.model, tokens[:, None], slots)
+        if rows is None or self.compile:
+            logits = self._decode_fn(self.model, tokens[:, None], slots)
+        else:
+            slots = slots[:rows]  # (n, 1)
+            S = min(self.cache_len, -(-(int(slots.max()) + 1) // 64) * 64)  # covers every row's next slot
+            self.model.use_caches([_window(cache, rows, S) for cache in self.caches])
+            try:
+                logits = self._decode_fn(self.model, tokens[:rows, None], slots)
+            finally:
+                self.model.use_caches(self.caches)
         self.lengths += self.running
         return logits
 

@@ -118,7 +118,8 @@ class Scheduler:
         self.prefixes = PrefixCache(prefix_entries)
         self.rows_used = 0  # written by the scheduler thread only
         self.steps = 0  # decode steps so far
-        self.release_lags: list[int] = []  # per cancelled running job: steps between the cancel and its release
+        # per cancelled running job (the last 1,024): steps between the cancel and its release
+        self.release_lags: deque[int] = deque(maxlen=1024)
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._owner: dict[int, tuple[Job, int]] = {}  # row -> (job, choice index)

@@ -138,3 +138,34 @@ def test_a_copied_prefix_gives_the_full_prefill_logits(tiny):
         assert session.lengths.tolist() == [31, 40, 31]
     torch.testing.assert_close(resumed[0], full[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(resumed[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_partly_empty_pool_of_long_rows_decodes_only_what_it_holds(tiny):
+    """The scheduler's batch decodes rows [0, highest in use] over the slots they hold (a view of the pool):
+    rows that join, leave and leave holes give the tokens of `lmstack.generate` alone, and the logits of the
+    full-width decode."""
+    from lmstack.generate import DecodeSession
+    from lmstack.generate.config import GenerationConfig
+    from lmstack.generate.continuous import ContinuousBatch
+
+    model, tok = tiny
+    prompts = [list(range(5, 5 + n)) for n in (7, 30, 12)]
+    greedy = GenerationConfig(max_new_tokens=20, temperature=0, ignore_eos=True)
+    expected = [lmstack.generate(model, None, [p], max_new_tokens=20, ignore_eos=True).token_ids[0] for p in prompts]
+    with ContinuousBatch(model, tok, rows=6, cache_len=256) as batch:
+        rows = [batch.add(prompts[0], greedy), batch.add(prompts[1], greedy)]
+        for _ in range(3):
+            batch.step()
+        batch.release(rows[0])  # a hole below the highest live row
+        rows.append(batch.add(prompts[2], greedy))  # takes the hole
+        while batch.has_running():
+            batch.step()
+        got = [batch.sequence(rows[1]).ids, batch.sequence(rows[2]).ids]
+    assert got == [expected[1], expected[2]]
+    with DecodeSession(model, rows=4, cache_len=256) as session:
+        session.prefill([prompts[0], prompts[1]], [0, 1])
+        tokens = torch.tensor([3, 4, 0, 0])
+        full = session.decode(tokens)  # (4, V)
+        session.lengths -= session.running  # write the same slots again, through the window
+        window = session.decode(tokens, rows=2)  # (2, V) over 64 slots
+    torch.testing.assert_close(window, full[:2], atol=1e-5, rtol=1e-5)
