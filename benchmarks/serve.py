@@ -1,25 +1,25 @@
 """Serving: `lmstack serve` under load, measured by a client in the style of vLLM's serving benchmark.
 
-The server runs in its own process (`python -m lmstack serve`) on loopback; this process is the client
-(asyncio + httpx, streaming completions). Model: a random llama (vocab 2048 from a BPE tokenizer trained
-here, width 256, 4 layers, context 1024; 3.5M parameters), fp32 on the CPU.
+The server runs in its own process (`python -m lmstack serve`, --max-batch 16) on loopback; this process is
+the client (asyncio on uvloop when installed + httpx, streaming completions, server-sent events split by
+hand). Model: a random llama (vocab 2048 from a BPE tokenizer trained here, width 256, 4 layers, context
+1024; 3.5M parameters), fp32 on the CPU.
 
 Cases (one JSON line each):
 - concurrency_C for C in 1, 2, 4, 8, 16: fixed concurrency, --requests-per-slot x C requests (at least 4) of
   a 32-token prompt and --max-tokens new tokens (EOS ignored). TTFT, TPOT = (E2E - TTFT) / (n_out - 1) and
-  ITL (gaps between chunks), p50/p99 in ms, and the aggregate output tokens/s.
+  ITL (gaps between chunks), p50/p99 in ms, the aggregate output tokens/s, and the server's scheduler time
+  per decode step by phase (from /metrics). --rounds rounds of every level and the offline peer,
+  interleaved; each line is the median round, with every round's tokens/s.
 - scaling: "scaling_8" = tokens/s at concurrency 8 / at 1 (goal >= 4); "vs_offline_8" = tokens/s at
-  concurrency 8 / offline `lmstack.generate` of 8 prompts at once in this process (goal >= 0.8), with the
-  peer's figure.
-- prefix_cache: "prefix_cache_ttft_ratio" = median TTFT of chats whose ~500-token system prompt is new each
+  concurrency 8 / offline `lmstack.generate` of 8 prompts at once in this process, the median of the
+  per-round ratios (goal >= 0.8), with the peer's figures.
+- soak: --soak requests (default 100; --full: 1,000) of 8-64 prompt tokens and 4-24 new ones, sampled, at
+  concurrency 16, 20% of clients disconnecting after their second chunk, after a warm-up on 10% of the same
+  mix; then "leaked_blocks" = KV pool rows still held (goal 0), the server's outcomes, and its RSS after the
+  warm-up, halfway and after the soak.
+- prefix_cache: "prefix_cache_ttft_ratio" = median TTFT of chats whose ~580-token system prompt is new each
   time (computed) / median TTFT of chats repeating one cached system prompt (goal >= 3).
-- soak: --soak requests (default 100; --full: 1,000) at concurrency 16, 20% of clients disconnecting after
-  their second chunk; then "leaked_blocks" = KV pool rows still held (goal 0) and the server's RSS growth
-  after warm-up.
-
-Servers: the throughput cases and the soak run on a server with --max-len slots per row (default 128: prompt
-+ completion fit), since a slot pool attends over every slot of every row each step; the prefix-cache case on
-one with the model's whole context per row.
 
 Threads: the server gets --threads (OMP_NUM_THREADS and torch), the offline peer the same. Timings on a
 shared machine are noisy: the ratios are what to read.
@@ -216,8 +216,14 @@ def soak_case(base: str, pid: int, count: int, rng: random.Random, vocab: int) -
     run(run_concurrent(base + "/v1/completions", bodies[:warm], 16, {i for i in leave if i < warm}))
     drain(base)
     before, outcomes = rss_mib(pid), finished(base)
-    start = time.perf_counter()
-    results, _ = run(run_concurrent(base + "/v1/completions", bodies, 16, leave))
+    start, results, halfway = time.perf_counter(), [], 0.0
+    for half in (range(count // 2), range(count // 2, count)):  # RSS at half time too: growth or a plateau
+        if results:
+            drain(base)
+            halfway = rss_mib(pid)
+        part, _ = run(run_concurrent(base + "/v1/completions", [bodies[i] for i in half], 16,
+                                     {i - half.start for i in leave if i in half}))
+        results += part
     wall = time.perf_counter() - start
     drain(base)
     after = rss_mib(pid)
@@ -227,7 +233,8 @@ def soak_case(base: str, pid: int, count: int, rng: random.Random, vocab: int) -
             "leaked_blocks": int(gauge(base, "lmstack_kv_rows_used")),
             "running_after": int(gauge(base, "lmstack_requests_running")),
             "waiting_after": int(gauge(base, "lmstack_requests_waiting")),
-            "rss_after_warmup_mib": round(before, 1), "rss_after_soak_mib": round(after, 1),
+            "rss_after_warmup_mib": round(before, 1), "rss_halfway_mib": round(halfway, 1),
+            "rss_after_soak_mib": round(after, 1),
             "rss_growth_mib": round(after - before, 1)}
 
 
@@ -283,8 +290,8 @@ def main() -> None:
                              "gains nothing from more, and OpenMP spin-waits collapse on a shared machine)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every level and the peer")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-len", type=int, default=128,
-                        help="the throughput server's KV slots per row (the prefix-cache server has the context)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="the server's KV slots per row (default: the model's context, as `lmstack serve`)")
     parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per concurrency level x C")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--soak", type=int, default=100, help="soak requests (default 100)")
@@ -299,8 +306,6 @@ def main() -> None:
         model, tokenizer = build_model(directory)
         vocab = tokenizer.vocab_size
         info = machine() | {"threads": args.threads, "model_params": model.num_parameters()}
-        # A slot pool pays attention over every slot of every row each step: size it for the workload (prompt
-        # + completion), as a deployment would; the offline peer sizes its cache the same way.
         server = Server(directory, args.threads, args.max_len)
         try:
             base = server.base
@@ -332,13 +337,8 @@ def main() -> None:
             if "soak" in args.cases:
                 soak = soak_case(base, server.process.pid, 1000 if args.full else args.soak, rng, vocab)
                 print(json.dumps(soak | info), flush=True)
-        finally:
-            server.close()
-        if "prefix" not in args.cases:
-            return
-        server = Server(directory, args.threads, None)  # rows of the whole context for a ~580-token system prompt
-        try:
-            print(json.dumps(prefix_case(server.base, tokenizer) | info), flush=True)
+            if "prefix" in args.cases:  # a ~580-token system prompt: the rows must hold it
+                print(json.dumps(prefix_case(base, tokenizer) | info), flush=True)
         finally:
             server.close()
 

@@ -54,11 +54,16 @@ def score_tokens(model: CausalLM, tokens: torch.Tensor, slots: torch.Tensor) -> 
         return model(tokens, position_ids=slots, cache_slots=slots).float()
 
 
-def _window(cache: Any, rows: int, slots: int) -> Any:
-    """A view of a layer's cache: rows [0, rows), slots [0, slots); writes go to the cache's memory."""
-    view = cache.rows(0, rows)
+def _window(cache: Any, first: int, stop: int, slots: int) -> Any:
+    """A view of a layer's cache: rows [first, stop), slots [0, slots); writes go to the cache's memory."""
+    view = cache.rows(first, stop)
     view.k, view.v = view.k[:, :, :slots], view.v[:, :, :slots]
     return view
+
+
+def _round_slots(needed: int, cache_len: int) -> int:
+    """Slots a windowed call attends over: `needed` rounded up to a multiple of 64, at most the cache."""
+    return min(cache_len, -(-needed // 64) * 64)
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, context: int, compile: bool) -> int:
@@ -146,7 +151,10 @@ class DecodeSession:
     def _prefill_run(self, prompts: Sequence[Sequence[int]], first_row: int, start: int = 0) -> torch.Tensor:
         ids, lengths = right_pad([p[start:] for p in prompts], self.device)  # (n, P), (n,)
         n, P = ids.shape
-        self.model.use_caches([cache.rows(first_row, first_row + n) for cache in self.caches])
+        # Only the slots the prompts fill: attention over a long row's empty tail is wasted (a server's rows
+        # hold the model's whole context). With compile the prefill is not compiled, so the shape may vary.
+        S = _round_slots(start + P, self.cache_len)
+        self.model.use_caches([_window(cache, first_row, first_row + n, S) for cache in self.caches])
         try:
             with torch.no_grad(), _autocast(self.device):
                 slots = torch.arange(start, start + P, device=self.device)  # (P,): positions follow the slots
@@ -170,8 +178,8 @@ class DecodeSession:
             logits = self._decode_fn(self.model, tokens[:, None], slots)
         else:
             slots = slots[:rows]  # (n, 1)
-            S = min(self.cache_len, -(-(int(slots.max()) + 1) // 64) * 64)  # covers every row's next slot
-            self.model.use_caches([_window(cache, rows, S) for cache in self.caches])
+            S = _round_slots(int(slots.max()) + 1, self.cache_len)  # covers every row's next slot
+            self.model.use_caches([_window(cache, 0, rows, S) for cache in self.caches])
             try:
                 logits = self._decode_fn(self.model, tokens[:rows, None], slots)
             finally:
