@@ -50,6 +50,7 @@ class Metrics:
         # Scheduler thread time by phase: idle (nothing to run), admit (releases and prefills), step (a decode
         # step: the model, sampling, the host sync, detokenisation), dispatch (handing events to the clients)
         self.decode_steps = 0
+        self.kv_pool_bytes = 0  # the KV pool's memory, allocated once: rows x slots x layers x (K + V)
         self.scheduler_seconds = {"idle": 0.0, "admit": 0.0, "step": 0.0, "dispatch": 0.0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, the last RATE_WINDOW_S
 
@@ -88,6 +89,8 @@ class Metrics:
                 + metric("lmstack_kv_rows_used", "gauge", "KV pool rows holding a request.",
                          [f"lmstack_kv_rows_used {rows_used}"])
                 + metric("lmstack_kv_rows_total", "gauge", "KV pool rows.", [f"lmstack_kv_rows_total {rows_total}"])
+                + metric("lmstack_kv_pool_bytes", "gauge", "Memory of the KV pool, allocated at start.",
+                         [f"lmstack_kv_pool_bytes {self.kv_pool_bytes}"])
                 + metric("lmstack_requests_finished_total", "counter", "Requests finished, by outcome.",
                          [f'lmstack_requests_finished_total{{outcome="{k}"}} {v}' for k, v in sorted(finished.items())])
                 + metric("lmstack_requests_rejected_total", "counter", "Requests answered 429 (queue full).",

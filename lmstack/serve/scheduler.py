@@ -174,6 +174,7 @@ class Scheduler:
     def _run(self) -> None:
         try:
             with ContinuousBatch(self.model, self.tokenizer, self.rows, self.row_len, self.compile) as batch:
+                self.metrics.kv_pool_bytes = sum(c.k.nbytes + c.v.nbytes for c in batch.session.caches)
                 clock = self.metrics.scheduler_seconds
                 while True:
                     t0 = time.perf_counter()

@@ -63,7 +63,7 @@ def test_prefix_cache_reuses_a_system_prompt(start_server, tiny):
     assert len(live.scheduler.prefixes) == 1
 
 
-def test_metrics_are_prometheus_text_with_the_counts(start_server):
+def test_metrics_are_prometheus_text_with_the_counts(start_server, tiny):
     from prometheus_client.parser import text_string_to_metric_families
 
     live = start_server()
@@ -74,6 +74,8 @@ def test_metrics_are_prometheus_text_with_the_counts(start_server):
     value = {name: f.samples[0].value for name, f in families.items() if f.type in ("gauge",)}
     assert value["lmstack_requests_running"] == 0 and value["lmstack_kv_rows_used"] == 0
     assert value["lmstack_kv_rows_total"] == 8
+    c = tiny[0].config  # 8 rows of the whole context, K and V per layer, fp32
+    assert value["lmstack_kv_pool_bytes"] == 8 * c.max_seq_len * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4
     assert value["lmstack_generation_tokens_per_second"] > 0
     generated = families["lmstack_generation_tokens"].samples[0].value  # the parser drops _total
     assert generated == 9
