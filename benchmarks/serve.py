@@ -12,8 +12,9 @@ Cases (one JSON line each):
   per decode step by phase (from /metrics). --rounds rounds of every level and the offline peer,
   interleaved; each line is the median round, with every round's tokens/s.
 - scaling: "scaling_8" = tokens/s at concurrency 8 / at 1 (goal >= 4); "vs_offline_8" = tokens/s at
-  concurrency 8 / offline `lmstack.generate` of 8 prompts at once in this process, the median of the
-  per-round ratios (goal >= 0.8), with the peer's figures.
+  concurrency 8 / offline `lmstack.generate(model, tokenizer, 8 prompts)` in this process, the median of the
+  per-round ratios (goal >= 0.8), with the peer's figures. That peer makes text, as the server must (it
+  decodes each token incrementally); "vs_offline_ids_8" is against the same call without a tokenizer (ids).
 - soak: --soak requests (default 100; --full: 1,000) of 8-64 prompt tokens and 4-24 new ones, sampled, at
   concurrency 16, 20% of clients disconnecting after their second chunk, after a warm-up on 10% of the same
   mix; then "leaked_blocks" = KV pool rows still held (goal 0), the server's outcomes, and its RSS after the
@@ -140,11 +141,12 @@ def concurrency_case(base: str, concurrency: int, args, rng: random.Random, voca
             "itl_ms": percentiles([g for r in results for g in r["itl"]]), "scheduler_per_step": scheduler}
 
 
-def offline_tokens_per_s(model, batch: int, args, rng: random.Random, vocab: int) -> float:
-    """Output tokens/s of one `lmstack.generate` of `batch` fresh prompts at once (warm it up first)."""
+def offline_tokens_per_s(model, tokenizer, batch: int, args, rng: random.Random, vocab: int) -> float:
+    """Output tokens/s of one `lmstack.generate` of `batch` fresh prompts at once (warm it up first). With a
+    tokenizer it returns texts, decoded token by token as the server streams them; without, ids only."""
     prompts = [[rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(batch)]
     start = time.perf_counter()
-    out = lmstack.generate(model, None, prompts, max_new_tokens=args.max_tokens, ignore_eos=True)
+    out = lmstack.generate(model, tokenizer, prompts, max_new_tokens=args.max_tokens, ignore_eos=True)
     return sum(len(t) for t in out.token_ids) / (time.perf_counter() - start)
 
 
@@ -312,16 +314,18 @@ def main() -> None:
             if "throughput" not in args.cases:
                 args.concurrency = []
             concurrency_case(base, 1, argparse.Namespace(max_tokens=4, requests_per_slot=1), rng, vocab)  # warm-up
-            lmstack.generate(model, None, [[10] * PROMPT_TOKENS] * 8, max_new_tokens=4, ignore_eos=True)  # warm-up
+            lmstack.generate(model, tokenizer, [[10] * PROMPT_TOKENS] * 8, max_new_tokens=4, ignore_eos=True)  # warm-up
             # Rounds of every level and the offline peer, interleaved, so that the load of a shared machine
             # weighs on both sides of a ratio alike; each figure is the median over the rounds.
             lines: dict[int, list[dict]] = {level: [] for level in args.concurrency}
-            offline: list[float] = []
+            offline: list[float] = []  # the peer that makes text, as the server does
+            offline_ids: list[float] = []  # the peer that makes ids only (no detokenisation)
             for _ in range(args.rounds):
                 for level in args.concurrency:
                     lines[level].append(concurrency_case(base, level, args, rng, vocab))
                 if 1 in lines and 8 in lines:
-                    offline.append(offline_tokens_per_s(model, 8, args, rng, vocab))
+                    offline.append(offline_tokens_per_s(model, tokenizer, 8, args, rng, vocab))
+                    offline_ids.append(offline_tokens_per_s(model, None, 8, args, rng, vocab))
             for level, runs in lines.items():
                 ordered = sorted(runs, key=lambda line: line["tokens_per_s"])
                 median = ordered[len(ordered) // 2]
@@ -333,6 +337,8 @@ def main() -> None:
                                   "vs_offline_8": round(statistics.median(a / b for a, b in zip(c8, offline)), 2),
                                   "vs_offline_8_rounds": [round(a / b, 2) for a, b in zip(c8, offline)],
                                   "offline_batch8_tokens_per_s": [round(o, 1) for o in offline],
+                                  "vs_offline_ids_8": round(statistics.median(a / b for a, b in zip(c8, offline_ids)), 2),
+                                  "offline_ids_batch8_tokens_per_s": [round(o, 1) for o in offline_ids],
                                   "served_c8_tokens_per_s": c8, "served_c1_tokens_per_s": c1} | info), flush=True)
             if "soak" in args.cases:
                 soak = soak_case(base, server.process.pid, 1000 if args.full else args.soak, rng, vocab)
