@@ -171,3 +171,57 @@ def test_a_partly_empty_pool_of_long_rows_decodes_only_what_it_holds(tiny):
         session.lengths -= session.running  # write the same slots again, through the window
         window = session.decode(tokens, rows=2)  # (2, V) over 64 slots
     torch.testing.assert_close(window, full[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_requests_admitted_together_keep_their_own_tokens(tiny):
+    """ContinuousBatch.add_groups (the scheduler's admission of every request that arrived during a step): one
+    prefill for all, and each request's tokens are what it gets alone, greedy or sampled with its seed."""
+    from lmstack.generate.config import GenerationConfig
+    from lmstack.generate.continuous import ContinuousBatch
+
+    model, tok = tiny
+    short, long = list(range(5, 12)), list(range(20, 50))
+    greedy = GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+
+    def run(groups):
+        with ContinuousBatch(model, tok, rows=4, cache_len=128) as batch:
+            rows = batch.add_groups(groups)
+            while batch.has_running():
+                batch.step()
+            return [[batch.sequence(r).ids for r in group] for group in rows]
+
+    together = run([([short], greedy), ([long, long], sampled)])
+    assert together[0] == run([([short], greedy)])[0]
+    assert together[1] == run([([long, long], sampled)])[0]
+    assert together[0][0] == lmstack.generate(model, None, [short], max_new_tokens=12, ignore_eos=True).token_ids[0]
+
+
+def test_one_hand_off_per_step_whatever_the_number_of_requests(tiny):
+    """The scheduler hands each step's events of every job to the consumers' side in one call."""
+    import threading
+
+    from lmstack.generate.config import GenerationConfig
+    from lmstack.serve.scheduler import Job, Scheduler
+
+    model, tok = tiny
+    handoffs, done = [], threading.Semaphore(0)
+    scheduler = Scheduler(model, tok, rows=4, row_len=64, max_queue=8, handoff=lambda fn: (handoffs.append(1), fn()))
+    received: dict[int, list] = {0: [], 1: [], 2: []}
+
+    def emit_for(k):
+        def emit(events):
+            received[k].extend(events)
+            if any(e.done is not None for e in events):
+                done.release()
+        return emit
+
+    config = GenerationConfig(max_new_tokens=5, temperature=0, ignore_eos=True)
+    for k in range(3):  # queued before the loop starts: admitted together, five steps for all three
+        scheduler.submit(Job([[5 + k, 6, 7]], config, emit_for(k)))
+    scheduler.start()
+    for _ in range(3):
+        assert done.acquire(timeout=30)
+    scheduler.stop()
+    assert scheduler.steps == 5 and len(handoffs) == 5
+    assert all(len([e for e in events if e.token_id is not None]) == 5 for events in received.values())
