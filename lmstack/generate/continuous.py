@@ -12,10 +12,11 @@ requests share the batch. `add_group` adds several prompts as one request (an of
 `generate` runs): one config, one random stream drawn for the whole group at once, as a batched
 `generate` always drew.
 
-A step decodes the tokens chosen at the previous step, chooses the next token of every running row from
-its logits, and synchronises with the host once to push them into the sequences (stop test, text,
-events). A row added between two steps has its prefill's logits instead: the decode leaves it alone
-(it does not advance) and its first token is chosen with the others'.
+A step decodes the tokens chosen at the previous step (only the rows up to the highest in use, over the
+slots they hold: a view of the session's caches, whose width is read on the host), chooses the next token
+of every running row from its logits, and synchronises with the host once more to push them into the
+sequences (stop test, text, events). A row added between two steps has its prefill's logits instead: the
+decode leaves it alone (it does not advance) and its first token is chosen with the others'.
 
 Shapes: R rows, G rows of one request, S cache slots, V vocabulary.
 """

@@ -170,7 +170,8 @@ class DecodeSession:
 
         rows: decode only rows [0, rows) -> logits (rows, V), attending over only the slots they hold
         (rounded up to a multiple of 64), on a view of the caches; the rows past it must hold nothing (a
-        server's partly empty pool of long rows). Not with compile, whose graph has one shape."""
+        server's partly empty pool of long rows). Not with compile, whose graph has one shape. The window's
+        width reads the lengths on the host: on an accelerator, a wait for the tiny length update only."""
         self._install()
         # Clamped so that a row left at the end of the cache rewrites its last slot instead of indexing past it.
         slots = self.lengths.clamp(max=self.cache_len - 1)[:, None]  # (R, 1)

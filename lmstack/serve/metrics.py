@@ -47,10 +47,10 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.prefix_hits = self.prefix_misses = 0
-        # Scheduler thread time by phase: idle (nothing to run), admit (releases and prefills), step (a decode
-        # step: the model, sampling, the host sync, detokenisation), dispatch (handing events to the clients)
         self.decode_steps = 0
         self.kv_pool_bytes = 0  # the KV pool's memory, allocated once: rows x slots x layers x (K + V)
+        # Scheduler thread time by phase: idle (nothing to run), admit (releases and prefills), step (a decode
+        # step: the model, sampling, the host sync, detokenisation), dispatch (handing events to the clients)
         self.scheduler_seconds = {"idle": 0.0, "admit": 0.0, "step": 0.0, "dispatch": 0.0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, the last RATE_WINDOW_S
 
