@@ -1,25 +1,26 @@
 """Serving: `lmstack serve` under load, measured by a client in the style of vLLM's serving benchmark.
 
-The server runs in its own process (`python -m lmstack serve`) on loopback; this process is the client
-(asyncio + httpx, streaming completions). Model: a random llama (vocab 2048 from a BPE tokenizer trained
-here, width 256, 4 layers, context 1024; 3.5M parameters), fp32 on the CPU.
+The server runs in its own process (`python -m lmstack serve`, --max-batch 16) on loopback; this process is
+the client (asyncio on uvloop when installed + httpx, streaming completions, server-sent events split by
+hand). Model: a random llama (vocab 2048 from a BPE tokenizer trained here, width 256, 4 layers, context
+1024; 3.5M parameters), fp32 on the CPU.
 
 Cases (one JSON line each):
 - concurrency_C for C in 1, 2, 4, 8, 16: fixed concurrency, --requests-per-slot x C requests (at least 4) of
   a 32-token prompt and --max-tokens new tokens (EOS ignored). TTFT, TPOT = (E2E - TTFT) / (n_out - 1) and
-  ITL (gaps between chunks), p50/p99 in ms, and the aggregate output tokens/s.
+  ITL (gaps between chunks), p50/p99 in ms, the aggregate output tokens/s, and the server's scheduler time
+  per decode step by phase (from /metrics). --rounds rounds of every level and the offline peer,
+  interleaved; each line is the median round, with every round's tokens/s.
 - scaling: "scaling_8" = tokens/s at concurrency 8 / at 1 (goal >= 4); "vs_offline_8" = tokens/s at
-  concurrency 8 / offline `lmstack.generate` of 8 prompts at once in this process (goal >= 0.8), with the
-  peer's figure.
-- prefix_cache: "prefix_cache_ttft_ratio" = median TTFT of chats whose ~500-token system prompt is new each
+  concurrency 8 / offline `lmstack.generate(model, tokenizer, 8 prompts)` in this process, the median of the
+  per-round ratios (goal >= 0.8), with the peer's figures. That peer makes text, as the server must (it
+  decodes each token incrementally); "vs_offline_ids_8" is against the same call without a tokenizer (ids).
+- soak: --soak requests (default 100; --full: 1,000) of 8-64 prompt tokens and 4-24 new ones, sampled, at
+  concurrency 16, 20% of clients disconnecting after their second chunk, after a warm-up on 10% of the same
+  mix; then "leaked_blocks" = KV pool rows still held (goal 0), the server's outcomes, and its RSS after the
+  warm-up, halfway and after the soak.
+- prefix_cache: "prefix_cache_ttft_ratio" = median TTFT of chats whose ~580-token system prompt is new each
   time (computed) / median TTFT of chats repeating one cached system prompt (goal >= 3).
-- soak: --soak requests (default 100; --full: 1,000) at concurrency 16, 20% of clients disconnecting after
-  their second chunk; then "leaked_blocks" = KV pool rows still held (goal 0) and the server's RSS growth
-  after warm-up.
-
-Servers: the throughput cases and the soak run on a server with --max-len slots per row (default 128: prompt
-+ completion fit), since a slot pool attends over every slot of every row each step; the prefix-cache case on
-one with the model's whole context per row.
 
 Threads: the server gets --threads (OMP_NUM_THREADS and torch), the offline peer the same. Timings on a
 shared machine are noisy: the ratios are what to read.
@@ -46,6 +47,11 @@ import torch
 from decode import machine  # benchmarks/decode.py: CPU model and vector flags, detected
 
 import lmstack
+
+try:  # the client's event loop: uvloop when installed (the serve extra), as uvicorn's is
+    from uvloop import run
+except ImportError:
+    from asyncio import run
 
 CONFIG = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 704,
           "max_seq_len": 1024, "tie_word_embeddings": True}
@@ -84,17 +90,22 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, leave_after: int | None = None) -> dict:
-    """Stream one request; the arrival times of its chunks. leave_after: disconnect after that many chunks."""
-    start, times = time.perf_counter(), []
+    """Stream one request; the arrival times of its chunks. leave_after: disconnect after that many chunks.
+
+    The client reads raw bytes and splits the server-sent events itself (httpx's line decoder costs more per
+    chunk than the server spends making one): chunks that arrive in one read share its arrival time."""
+    start, times, tail = time.perf_counter(), [], b""
     async with client.stream("POST", url, json={**body, "stream": True}) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and (chunk["choices"][0].get("text") or chunk["choices"][0].get("delta", {}).get(
-                    "content")):
-                times.append(time.perf_counter())
+        async for data in response.aiter_raw():
+            now = time.perf_counter()
+            *events, tail = (tail + data).split(b"\n\n")
+            for event in events:
+                if not event.startswith(b"data: {"):
+                    continue
+                choices = json.loads(event[6:])["choices"]
+                if choices and (choices[0].get("text") or choices[0].get("delta", {}).get("content")):
+                    times.append(now)
             if leave_after is not None and len(times) >= leave_after:
                 break  # closing the stream disconnects
     end = time.perf_counter()
@@ -119,24 +130,24 @@ def concurrency_case(base: str, concurrency: int, args, rng: random.Random, voca
     n = max(4, args.requests_per_slot * concurrency)
     bodies = [{"prompt": [rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)], "max_tokens": args.max_tokens,
                "ignore_eos": True, "temperature": 0} for _ in range(n)]
-    results, wall = asyncio.run(run_concurrent(base + "/v1/completions", bodies, concurrency))
+    before = scheduler_counters(base)
+    results, wall = run(run_concurrent(base + "/v1/completions", bodies, concurrency))
+    scheduler = per_step(before, scheduler_counters(base))
     out_tokens = sum(r["chunks"] for r in results)
     tpot = [(r["e2e"] - r["ttft"]) / (r["chunks"] - 1) for r in results if r["chunks"] > 1]
     return {"case": f"concurrency_{concurrency}", "requests": n, "output_tokens": out_tokens,
             "tokens_per_s": round(out_tokens / wall, 2),
             "ttft_ms": percentiles([r["ttft"] for r in results]), "tpot_ms": percentiles(tpot),
-            "itl_ms": percentiles([g for r in results for g in r["itl"]])}
+            "itl_ms": percentiles([g for r in results for g in r["itl"]]), "scheduler_per_step": scheduler}
 
 
-def offline_tokens_per_s(model, batch: int, args, rng: random.Random, vocab: int) -> float:
+def offline_tokens_per_s(model, tokenizer, batch: int, args, rng: random.Random, vocab: int) -> float:
+    """Output tokens/s of one `lmstack.generate` of `batch` fresh prompts at once (warm it up first). With a
+    tokenizer it returns texts, decoded token by token as the server streams them; without, ids only."""
     prompts = [[rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(batch)]
-    lmstack.generate(model, None, prompts, max_new_tokens=4, ignore_eos=True)  # warm-up
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
-        out = lmstack.generate(model, None, prompts, max_new_tokens=args.max_tokens, ignore_eos=True)
-        best = min(best, time.perf_counter() - start)
-    return sum(len(t) for t in out.token_ids) / best
+    start = time.perf_counter()
+    out = lmstack.generate(model, tokenizer, prompts, max_new_tokens=args.max_tokens, ignore_eos=True)
+    return sum(len(t) for t in out.token_ids) / (time.perf_counter() - start)
 
 
 def prefix_case(base: str, tokenizer) -> dict:
@@ -155,10 +166,10 @@ def prefix_case(base: str, tokenizer) -> dict:
 
     tokens = len(tokenizer.encode(system(0)))
     url = base + "/v1/chat/completions"
-    uncached = [asyncio.run(run_concurrent(url, [chat(system(5000 + 400 * i), "Why?")], 1))[0][0]["ttft"]
+    uncached = [run(run_concurrent(url, [chat(system(5000 + 400 * i), "Why?")], 1))[0][0]["ttft"]
                 for i in range(6)]
-    asyncio.run(run_concurrent(url, [chat(system(0), "Warm up?")], 1))  # computes and caches the prefix
-    cached = [asyncio.run(run_concurrent(url, [chat(system(0), f"Question {i}?")], 1))[0][0]["ttft"]
+    run(run_concurrent(url, [chat(system(0), "Warm up?")], 1))  # computes and caches the prefix
+    cached = [run(run_concurrent(url, [chat(system(0), f"Question {i}?")], 1))[0][0]["ttft"]
               for i in range(6)]
     return {"case": "prefix_cache", "system_prompt_tokens": tokens,
             "ttft_uncached_ms": round(statistics.median(uncached) * 1e3, 2),
@@ -180,23 +191,70 @@ def gauge(base: str, name: str) -> float:
     raise KeyError(name)
 
 
+def scheduler_counters(base: str) -> dict[str, float]:
+    """The server's decode steps and scheduler seconds by phase (from /metrics)."""
+    out = {}
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("lmstack_decode_steps_total "):
+            out["steps"] = float(line.split()[1])
+        elif line.startswith("lmstack_scheduler_seconds_total{"):
+            out[line.split('"')[1]] = float(line.split()[1])
+    return out
+
+
+def per_step(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Milliseconds per decode step in each scheduler phase between two scrapes."""
+    steps = max(after["steps"] - before["steps"], 1)
+    return {"decode_steps": int(steps)} | {f"{k}_ms": round((after[k] - before[k]) / steps * 1e3, 2)
+                                           for k in ("step", "dispatch", "admit", "idle")}
+
+
 def soak_case(base: str, pid: int, count: int, rng: random.Random, vocab: int) -> dict:
     bodies = [{"prompt": [rng.randrange(10, vocab) for _ in range(rng.randrange(8, 64))],
                "max_tokens": rng.randrange(4, 24), "ignore_eos": True, "temperature": 0.8, "seed": i}
               for i in range(count)]
     leave = set(rng.sample(range(count), count // 5))
-    asyncio.run(run_concurrent(base + "/v1/completions", bodies[:16], 16))  # warm-up
-    before = rss_mib(pid)
-    start = time.perf_counter()
-    asyncio.run(run_concurrent(base + "/v1/completions", bodies, 16, leave))
+    warm = max(16, count // 10)  # the same mix, so that the allocator has seen its shapes before the baseline
+    run(run_concurrent(base + "/v1/completions", bodies[:warm], 16, {i for i in leave if i < warm}))
+    drain(base)
+    before, outcomes = rss_mib(pid), finished(base)
+    start, results, halfway = time.perf_counter(), [], 0.0
+    for half in (range(count // 2), range(count // 2, count)):  # RSS at half time too: growth or a plateau
+        if results:
+            drain(base)
+            halfway = rss_mib(pid)
+        part, _ = run(run_concurrent(base + "/v1/completions", [bodies[i] for i in half], 16,
+                                     {i - half.start for i in leave if i in half}))
+        results += part
     wall = time.perf_counter() - start
-    deadline = time.monotonic() + 10
-    while gauge(base, "lmstack_kv_rows_used") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    drain(base)
+    after = rss_mib(pid)
     return {"case": "soak", "requests": count, "disconnected": len(leave), "seconds": round(wall, 1),
+            "outcomes": {k: v - outcomes.get(k, 0) for k, v in finished(base).items()},
+            "client_chunks": sum(r["chunks"] for r in results),
             "leaked_blocks": int(gauge(base, "lmstack_kv_rows_used")),
+            "running_after": int(gauge(base, "lmstack_requests_running")),
             "waiting_after": int(gauge(base, "lmstack_requests_waiting")),
-            "rss_after_warmup_mib": round(before, 1), "rss_growth_mib": round(rss_mib(pid) - before, 1)}
+            "rss_after_warmup_mib": round(before, 1), "rss_halfway_mib": round(halfway, 1),
+            "rss_after_soak_mib": round(after, 1),
+            "rss_growth_mib": round(after - before, 1)}
+
+
+def finished(base: str) -> dict[str, int]:
+    """The server's finished requests by outcome (stop, length, cancelled, error)."""
+    out = {}
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("lmstack_requests_finished_total{"):
+            out[line.split('"')[1]] = int(float(line.split()[1]))
+    return out
+
+
+def drain(base: str, timeout: float = 10.0) -> None:
+    """Wait until the server holds no KV rows and runs no request (disconnects are seen a step later)."""
+    deadline = time.monotonic() + timeout
+    while (gauge(base, "lmstack_kv_rows_used") or gauge(base, "lmstack_requests_running")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class Server:
@@ -229,14 +287,19 @@ class Server:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the server and the offline peer (default 1: a 3.5M-parameter model "
+                             "gains nothing from more, and OpenMP spin-waits collapse on a shared machine)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every level and the peer")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-len", type=int, default=128,
-                        help="the throughput server's KV slots per row (the prefix-cache server has the context)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="the server's KV slots per row (default: the model's context, as `lmstack serve`)")
     parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per concurrency level x C")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--soak", type=int, default=100, help="soak requests (default 100)")
     parser.add_argument("--full", action="store_true", help="the full soak of 1,000 requests")
+    parser.add_argument("--cases", nargs="+", choices=["throughput", "soak", "prefix"],
+                        default=["throughput", "soak", "prefix"], help="which cases to run (default all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
@@ -245,31 +308,43 @@ def main() -> None:
         model, tokenizer = build_model(directory)
         vocab = tokenizer.vocab_size
         info = machine() | {"threads": args.threads, "model_params": model.num_parameters()}
-        # A slot pool pays attention over every slot of every row each step: size it for the workload (prompt
-        # + completion), as a deployment would; the offline peer sizes its cache the same way.
         server = Server(directory, args.threads, args.max_len)
         try:
             base = server.base
+            if "throughput" not in args.cases:
+                args.concurrency = []
             concurrency_case(base, 1, argparse.Namespace(max_tokens=4, requests_per_slot=1), rng, vocab)  # warm-up
-            by_level = {}
-            for level in args.concurrency:
-                line = concurrency_case(base, level, args, rng, vocab) | info | {"max_len": args.max_len}
-                by_level[level] = line["tokens_per_s"]
-                print(json.dumps(line), flush=True)
-            if 1 in by_level and 8 in by_level:
-                offline = offline_tokens_per_s(model, 8, args, rng, vocab)
-                print(json.dumps({"case": "scaling", "scaling_8": round(by_level[8] / by_level[1], 2),
-                                  "vs_offline_8": round(by_level[8] / offline, 2),
-                                  "offline_batch8_tokens_per_s": round(offline, 2),
-                                  "served_c8_tokens_per_s": by_level[8], "served_c1_tokens_per_s": by_level[1]} | info),
-                      flush=True)
-            print(json.dumps(soak_case(base, server.process.pid, 1000 if args.full else args.soak, rng, vocab) | info),
-                  flush=True)
-        finally:
-            server.close()
-        server = Server(directory, args.threads, None)  # rows of the whole context for a ~580-token system prompt
-        try:
-            print(json.dumps(prefix_case(server.base, tokenizer) | info), flush=True)
+            lmstack.generate(model, tokenizer, [[10] * PROMPT_TOKENS] * 8, max_new_tokens=4, ignore_eos=True)  # warm-up
+            # Rounds of every level and the offline peer, interleaved, so that the load of a shared machine
+            # weighs on both sides of a ratio alike; each figure is the median over the rounds.
+            lines: dict[int, list[dict]] = {level: [] for level in args.concurrency}
+            offline: list[float] = []  # the peer that makes text, as the server does
+            offline_ids: list[float] = []  # the peer that makes ids only (no detokenisation)
+            for _ in range(args.rounds):
+                for level in args.concurrency:
+                    lines[level].append(concurrency_case(base, level, args, rng, vocab))
+                if 1 in lines and 8 in lines:
+                    offline.append(offline_tokens_per_s(model, tokenizer, 8, args, rng, vocab))
+                    offline_ids.append(offline_tokens_per_s(model, None, 8, args, rng, vocab))
+            for level, runs in lines.items():
+                ordered = sorted(runs, key=lambda line: line["tokens_per_s"])
+                median = ordered[len(ordered) // 2]
+                print(json.dumps(median | {"rounds": [r["tokens_per_s"] for r in runs], "max_len": args.max_len}
+                                 | info), flush=True)
+            if offline:
+                c1, c8 = ([r["tokens_per_s"] for r in lines[level]] for level in (1, 8))
+                print(json.dumps({"case": "scaling", "scaling_8": round(statistics.median(c8) / statistics.median(c1), 2),
+                                  "vs_offline_8": round(statistics.median(a / b for a, b in zip(c8, offline)), 2),
+                                  "vs_offline_8_rounds": [round(a / b, 2) for a, b in zip(c8, offline)],
+                                  "offline_batch8_tokens_per_s": [round(o, 1) for o in offline],
+                                  "vs_offline_ids_8": round(statistics.median(a / b for a, b in zip(c8, offline_ids)), 2),
+                                  "offline_ids_batch8_tokens_per_s": [round(o, 1) for o in offline_ids],
+                                  "served_c8_tokens_per_s": c8, "served_c1_tokens_per_s": c1} | info), flush=True)
+            if "soak" in args.cases:
+                soak = soak_case(base, server.process.pid, 1000 if args.full else args.soak, rng, vocab)
+                print(json.dumps(soak | info), flush=True)
+            if "prefix" in args.cases:  # a ~580-token system prompt: the rows must hold it
+                print(json.dumps(prefix_case(base, tokenizer) | info), flush=True)
         finally:
             server.close()
 

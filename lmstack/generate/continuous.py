@@ -12,10 +12,11 @@ requests share the batch. `add_group` adds several prompts as one request (an of
 `generate` runs): one config, one random stream drawn for the whole group at once, as a batched
 `generate` always drew.
 
-A step decodes the tokens chosen at the previous step, chooses the next token of every running row from
-its logits, and synchronises with the host once to push them into the sequences (stop test, text,
-events). A row added between two steps has its prefill's logits instead: the decode leaves it alone
-(it does not advance) and its first token is chosen with the others'.
+A step decodes the tokens chosen at the previous step (only the rows up to the highest in use, over the
+slots they hold: a view of the session's caches, whose width is read on the host), chooses the next token
+of every running row from its logits, and synchronises with the host once more to push them into the
+sequences (stop test, text, events). A row added between two steps has its prefill's logits instead: the
+decode leaves it alone (it does not advance) and its first token is chosen with the others'.
 
 Shapes: R rows, G rows of one request, S cache slots, V vocabulary.
 """
@@ -107,10 +108,10 @@ class ContinuousBatch:
 
         prefix: the keys/values of the prompts' first n tokens (DecodeSession.read_slots, a server's prefix
         cache): written into the rows, and only the rest of each prompt is computed."""
-        free = self.free_rows
-        if len(prompts) > len(free):
-            raise GenerationError(f"{len(prompts)} prompts but {len(free)} free rows of {self.session.rows}: "
-                                  "wait for a request to finish or release one")
+        return self.add_groups([(prompts, config)], prefix)[0]
+
+    def check(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> None:
+        """Raise GenerationError if these prompts cannot join under `config` (empty, too long, bad ids)."""
         if config.stop and self.tokenizer is None:
             raise GenerationError("stop strings are matched on decoded text: give the batch a tokenizer")
         vocab, S = self.model.config.vocab_size, self.session.cache_len
@@ -122,27 +123,46 @@ class ContinuousBatch:
             bad = next((t for t in prompt if not 0 <= t < vocab), None)
             if bad is not None:
                 raise GenerationError(f"prompt {i} holds token id {bad}, outside the model's vocabulary (size {vocab})")
-        rows = free[:len(prompts)]
+
+    def add_groups(self, groups: Sequence[tuple[Sequence[Sequence[int]], GenerationConfig]],
+                   prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[list[int]]:
+        """Several requests at once, each a group of prompts under its own config: their prompts are prefilled
+        in one model call (a server admitting every request that arrived during a step), then each request
+        is registered as `add_group` would. Returns each group's rows. `prefix`, when given, heads every prompt."""
+        free = self.free_rows
+        total = sum(len(prompts) for prompts, _ in groups)
+        if total > len(free):
+            raise GenerationError(f"{total} prompts but {len(free)} free rows of {self.session.rows}: "
+                                  "wait for a request to finish or release one")
+        for prompts, config in groups:
+            self.check(prompts, config)
+        rows = free[:total]
         start = 0
         if prefix is not None:
             start = prefix[0][0].shape[1]
             self.session.write_slots(rows, prefix)
-        logits = self.session.prefill(prompts, rows, start)  # (G, V)
+        everything = [prompt for prompts, _ in groups for prompt in prompts]
+        logits = self.session.prefill(everything, rows, start)  # (G, V) over every group
         self.session.set_running(rows, False)  # until its first token is chosen, a decode must not advance it
-        device = self.session.device
-        index = torch.tensor(rows, device=device)
+        device, S = self.session.device, self.session.cache_len
         if self._logits is None:
             self._logits = torch.zeros(self.session.rows, logits.shape[-1], device=device)
-        self._logits.index_copy_(0, index, logits)
-        eos_ids = resolve_eos_ids(self.model, self.tokenizer, config)
-        for row, prompt in zip(rows, prompts):
-            room = min(config.max_new_tokens, S - len(prompt))  # a full row finishes early: "length"
-            self._sequences[row] = SequenceState(self.tokenizer, prompt, eos_ids, config.stop, room)
-        counts = TokenCounts.from_prompts([list(p) for p in prompts], logits.shape[-1], device) \
-            if config.uses_penalties else None
-        self._requests.append(_Request(rows, config, make_generator(config, device), counts, index))
+        self._logits.index_copy_(0, torch.tensor(rows, device=device), logits)
+        out, first = [], 0
+        for prompts, config in groups:
+            group = rows[first:first + len(prompts)]
+            eos_ids = resolve_eos_ids(self.model, self.tokenizer, config)
+            for row, prompt in zip(group, prompts):
+                room = min(config.max_new_tokens, S - len(prompt))  # a full row finishes early: "length"
+                self._sequences[row] = SequenceState(self.tokenizer, prompt, eos_ids, config.stop, room)
+            counts = TokenCounts.from_prompts([list(p) for p in prompts], logits.shape[-1], device) \
+                if config.uses_penalties else None
+            index = torch.tensor(group, device=device)
+            self._requests.append(_Request(group, config, make_generator(config, device), counts, index))
+            out.append(group)
+            first += len(prompts)
         self._fresh.update(rows)
-        return rows
+        return out
 
     def release(self, row: int) -> None:
         """Free `row` (finished or not): its request stops there, and the next `add` may take the row."""
@@ -170,12 +190,17 @@ class ContinuousBatch:
         if not self._pending and not self._fresh:
             return []
         if self._pending:
-            logits = self.session.decode(self._tokens)  # (R, V)
+            # Rows past the highest one in use hold nothing: a partly empty pool decodes only up to there.
+            live = 1 + max(r for r, s in enumerate(self._sequences) if s is not None)
+            logits = self.session.decode(self._tokens, live)  # (live, V)
             self.decode_steps += 1
             if self._fresh:  # rows prefilled since: their next-token logits are the prefill's
                 fresh = torch.tensor(sorted(self._fresh), device=logits.device)
                 logits.index_copy_(0, fresh, self._logits.index_select(0, fresh))
-            self._logits = logits
+            if logits.shape[0] == self.session.rows:
+                self._logits = logits
+            else:
+                self._logits[:logits.shape[0]] = logits
         chosen: list[tuple[_Request, torch.Tensor, tuple | None]] = []
         for request in self._requests:
             if all(self._sequences[r].finished for r in request.rows):

@@ -54,6 +54,18 @@ def score_tokens(model: CausalLM, tokens: torch.Tensor, slots: torch.Tensor) -> 
         return model(tokens, position_ids=slots, cache_slots=slots).float()
 
 
+def _window(cache: Any, first: int, stop: int, slots: int) -> Any:
+    """A view of a layer's cache: rows [first, stop), slots [0, slots); writes go to the cache's memory."""
+    view = cache.rows(first, stop)
+    view.k, view.v = view.k[:, :, :slots], view.v[:, :, :slots]
+    return view
+
+
+def _round_slots(needed: int, cache_len: int) -> int:
+    """Slots a windowed call attends over: `needed` rounded up to a multiple of 64, at most the cache."""
+    return min(cache_len, -(-needed // 64) * 64)
+
+
 def cache_length(prompt_len: int, max_new_tokens: int, context: int, compile: bool) -> int:
     """Slots to allocate. With compile, round up to a power of two (at least 64) so that a whole chat, whose
     prompt grows every turn, needs a handful of compiled graphs rather than one per length (a frozen CPU
@@ -139,7 +151,10 @@ class DecodeSession:
     def _prefill_run(self, prompts: Sequence[Sequence[int]], first_row: int, start: int = 0) -> torch.Tensor:
         ids, lengths = right_pad([p[start:] for p in prompts], self.device)  # (n, P), (n,)
         n, P = ids.shape
-        self.model.use_caches([cache.rows(first_row, first_row + n) for cache in self.caches])
+        # Only the slots the prompts fill: attention over a long row's empty tail is wasted (a server's rows
+        # hold the model's whole context). With compile the prefill is not compiled, so the shape may vary.
+        S = _round_slots(start + P, self.cache_len)
+        self.model.use_caches([_window(cache, first_row, first_row + n, S) for cache in self.caches])
         try:
             with torch.no_grad(), _autocast(self.device):
                 slots = torch.arange(start, start + P, device=self.device)  # (P,): positions follow the slots
@@ -149,13 +164,27 @@ class DecodeSession:
         finally:
             self.model.use_caches(self.caches)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """tokens (R,), one per row, written at each row's next slot -> logits (R, V) fp32; the running rows
-        advance by one. A row that is not running computes too (static shapes) and rewrites its next slot."""
+        advance by one. A row that is not running computes too (static shapes) and rewrites its next slot.
+
+        rows: decode only rows [0, rows) -> logits (rows, V), attending over only the slots they hold
+        (rounded up to a multiple of 64), on a view of the caches; the rows past it must hold nothing (a
+        server's partly empty pool of long rows). Not with compile, whose graph has one shape. The window's
+        width reads the lengths on the host: on an accelerator, a wait for the tiny length update only."""
         self._install()
         # Clamped so that a row left at the end of the cache rewrites its last slot instead of indexing past it.
         slots = self.lengths.clamp(max=self.cache_len - 1)[:, None]  # (R, 1)
-        logits = self._decode_fn(self.model, tokens[:, None], slots)
+        if rows is None or self.compile:
+            logits = self._decode_fn(self.model, tokens[:, None], slots)
+        else:
+            slots = slots[:rows]  # (n, 1)
+            S = _round_slots(int(slots.max()) + 1, self.cache_len)  # covers every row's next slot
+            self.model.use_caches([_window(cache, 0, rows, S) for cache in self.caches])
+            try:
+                logits = self._decode_fn(self.model, tokens[:rows, None], slots)
+            finally:
+                self.model.use_caches(self.caches)
         self.lengths += self.running
         return logits
 

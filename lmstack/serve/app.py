@@ -5,7 +5,8 @@
 
 The model loads on a thread after the server starts, so /health and the API answer 503 until it is ready.
 A handler validates the body (400 with OpenAI's error JSON), encodes the prompt, and submits a Job: a full
-queue answers 429. Events come back from the scheduler thread through an asyncio queue. A client that
+queue answers 429. Events come back from the scheduler thread through an asyncio queue per request: the
+scheduler hands each step's events of all requests to the event loop at once (call_soon_threadsafe). A client that
 disconnects has its job cancelled: Starlette cancels a stream's generator (its `finally` cancels the job),
 and a non-streaming handler watches `receive()` for `http.disconnect` itself, since Starlette does not.
 """
@@ -63,6 +64,7 @@ class Server:
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
         self.model = self.tokenizer = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, where jobs' events go
         self.created = int(time.time())
 
     def load(self) -> None:
@@ -71,7 +73,8 @@ class Server:
             context = self.model.config.max_seq_len
             row_len = min(self.config.max_len or context, context)
             scheduler = Scheduler(self.model, self.tokenizer, self.config.max_batch, row_len, self.config.max_queue,
-                                  self.config.prefix_cache, self.config.compile, self.metrics)
+                                  self.config.prefix_cache, self.config.compile, self.metrics,
+                                  handoff=self.loop.call_soon_threadsafe if self.loop else None)
             scheduler.start()
             self.names = TokenText(self.tokenizer)
             self.scheduler = scheduler
@@ -166,16 +169,34 @@ class Server:
                 if not getter.done():  # the client left and the job is cancelled: nobody to answer
                     getter.cancel()
                     raise APIError(499, "the client closed the request")
-                event = getter.result()
-                if event.error:
-                    raise APIError(500, event.error)
-                events.setdefault(event.index, []).append(event)
-                open_choices -= event.done is not None
+                for event in getter.result():
+                    if event.error:
+                        raise APIError(500, event.error)
+                    events.setdefault(event.index, []).append(event)
+                    open_choices -= event.done is not None
         finally:
             watcher.cancel()
             if open_choices:
                 self.scheduler.cancel(job)
         return events
+
+
+class RequireKey:
+    """`Authorization: Bearer KEY` on /v1/*, else 401. A plain ASGI middleware: Starlette's `@app.middleware`
+    (BaseHTTPMiddleware) passes every streamed chunk through an extra task and memory stream."""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = APIError(401, "Incorrect API key provided: send 'Authorization: Bearer KEY' with the key the "
+                                      "server was started with (--api-key)", None, "invalid_api_key")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _cancel_on_disconnect(request: Request, scheduler: Scheduler, job: Job) -> None:
@@ -199,6 +220,7 @@ def create_app(config: ServeConfig, loader: Loader | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.loop = asyncio.get_running_loop()
         threading.Thread(target=server.load, name="lmstack-load", daemon=True).start()
         yield
         if server.scheduler is not None:
@@ -211,15 +233,8 @@ def create_app(config: ServeConfig, loader: Loader | None = None) -> FastAPI:
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable) -> Response:
-        if config.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-                error = APIError(401, "Incorrect API key provided: send 'Authorization: Bearer KEY' with the key the "
-                                      "server was started with (--api-key)", None, "invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(RequireKey, key=config.api_key)
 
     @app.get("/health")
     async def health() -> JSONResponse:

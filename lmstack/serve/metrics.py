@@ -47,6 +47,11 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.prefix_hits = self.prefix_misses = 0
+        self.decode_steps = 0
+        self.kv_pool_bytes = 0  # the KV pool's memory, allocated once: rows x slots x layers x (K + V)
+        # Scheduler thread time by phase: idle (nothing to run), admit (releases and prefills), step (a decode
+        # step: the model, sampling, the host sync, detokenisation), dispatch (handing events to the clients)
+        self.scheduler_seconds = {"idle": 0.0, "admit": 0.0, "step": 0.0, "dispatch": 0.0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, the last RATE_WINDOW_S
 
     def tokens_generated(self, count: int) -> None:
@@ -84,6 +89,8 @@ class Metrics:
                 + metric("lmstack_kv_rows_used", "gauge", "KV pool rows holding a request.",
                          [f"lmstack_kv_rows_used {rows_used}"])
                 + metric("lmstack_kv_rows_total", "gauge", "KV pool rows.", [f"lmstack_kv_rows_total {rows_total}"])
+                + metric("lmstack_kv_pool_bytes", "gauge", "Memory of the KV pool, allocated at start.",
+                         [f"lmstack_kv_pool_bytes {self.kv_pool_bytes}"])
                 + metric("lmstack_requests_finished_total", "counter", "Requests finished, by outcome.",
                          [f'lmstack_requests_finished_total{{outcome="{k}"}} {v}' for k, v in sorted(finished.items())])
                 + metric("lmstack_requests_rejected_total", "counter", "Requests answered 429 (queue full).",
@@ -96,6 +103,11 @@ class Metrics:
                          [f"lmstack_prefix_cache_hits_total {self.prefix_hits}"])
                 + metric("lmstack_prefix_cache_misses_total", "counter", "Prompts with a cacheable prefix not cached.",
                          [f"lmstack_prefix_cache_misses_total {self.prefix_misses}"])
+                + metric("lmstack_decode_steps_total", "counter", "Decode steps of the running batch.",
+                         [f"lmstack_decode_steps_total {self.decode_steps}"])
+                + metric("lmstack_scheduler_seconds_total", "counter", "Scheduler thread time, by phase.",
+                         [f'lmstack_scheduler_seconds_total{{phase="{k}"}} {v:.6f}'
+                          for k, v in self.scheduler_seconds.items()])
                 + metric("lmstack_time_to_first_token_seconds", "histogram",
                          "Seconds from a request's arrival to its first token.",
                          self.ttft.lines("lmstack_time_to_first_token_seconds")))

@@ -27,10 +27,11 @@ if TYPE_CHECKING:
     from lmstack.serve.app import Server
 
 
-def _channel() -> tuple[asyncio.Queue, Callable[[Event], None]]:
-    """A queue on this event loop, and the thread-safe function the scheduler thread puts events with."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    return queue, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+def _channel() -> tuple[asyncio.Queue, Callable[[list[Event]], None]]:
+    """A queue of event lists on this event loop and the job's `emit`, which the scheduler's hand-off calls
+    on this loop with each step's events."""
+    queue: asyncio.Queue = asyncio.Queue()
+    return queue, queue.put_nowait
 
 
 def _streaming(server: Server, job: Job, body: AsyncIterator[str]) -> StreamingResponse:
@@ -110,27 +111,31 @@ async def _completion_stream(server: Server, req: CompletionRequest, job: Job, q
                             for i in range(total)])
     completion_tokens, open_choices = 0, total
     while open_choices:
-        event = await queue.get()
-        if event.error:
-            yield _error_chunk(event.error)
-            return
-        record = records[event.index]
-        if event.prompt is not None:  # echo with logprobs: the prompt and its scores first
-            for token_id, value, top in zip(event.prompt.ids, event.prompt.logprobs, event.prompt.top):
-                record.add(token_id, value, top)
-            text = prompt_texts[event.index // n]
-        else:
-            text = event.text
-            if event.token_id is not None:
-                completion_tokens += 1
-                if req.logprobs is not None:
-                    record.add(event.token_id, event.logprob, event.top)
-        finish = FINISH[event.done.finish_reason] if event.done is not None else None
-        if text or finish:
-            logprobs = record.body(sent[event.index]) if req.logprobs is not None else None
-            sent[event.index] = len(record.tokens)
-            yield writer.chunk([{"index": event.index, "text": text, "logprobs": logprobs, "finish_reason": finish}])
-        open_choices -= event.done is not None
+        out = []  # this step's chunks, written at once
+        for event in await queue.get():
+            if event.error:
+                yield "".join(out) + _error_chunk(event.error)
+                return
+            record = records[event.index]
+            if event.prompt is not None:  # echo with logprobs: the prompt and its scores first
+                for token_id, value, top in zip(event.prompt.ids, event.prompt.logprobs, event.prompt.top):
+                    record.add(token_id, value, top)
+                text = prompt_texts[event.index // n]
+            else:
+                text = event.text
+                if event.token_id is not None:
+                    completion_tokens += 1
+                    if req.logprobs is not None:
+                        record.add(event.token_id, event.logprob, event.top)
+            finish = FINISH[event.done.finish_reason] if event.done is not None else None
+            if text or finish:
+                logprobs = record.body(sent[event.index]) if req.logprobs is not None else None
+                sent[event.index] = len(record.tokens)
+                out.append(writer.chunk([{"index": event.index, "text": text, "logprobs": logprobs,
+                                          "finish_reason": finish}]))
+            open_choices -= event.done is not None
+        if out:
+            yield "".join(out)
     if writer.include_usage:
         yield writer.usage_chunk(sum(len(p) for p in job.prompts), completion_tokens)
     yield sse("[DONE]")
@@ -176,24 +181,28 @@ async def _chat_stream(server: Server, req: ChatRequest, job: Job, queue: asynci
     pending: list[list[dict[str, Any]]] = [[] for _ in range(n)]  # logprob entries not streamed yet
     completion_tokens, open_choices = 0, n
     while open_choices:
-        event = await queue.get()
-        if event.error:
-            yield _error_chunk(event.error)
-            return
-        if event.token_id is not None:
-            completion_tokens += 1
-            if req.logprobs:
-                pending[event.index].append(chat_logprob_entry(server.names, event.token_id, event.logprob, event.top))
-        if event.text:
-            logprobs = {"content": pending[event.index]} if req.logprobs else None
-            pending[event.index] = []
-            yield writer.chunk([{"index": event.index, "delta": {"content": event.text}, "logprobs": logprobs,
-                                 "finish_reason": None}])
-        if event.done is not None:
-            logprobs = {"content": pending[event.index]} if req.logprobs and pending[event.index] else None
-            yield writer.chunk([{"index": event.index, "delta": {}, "logprobs": logprobs,
-                                 "finish_reason": FINISH[event.done.finish_reason]}])
-            open_choices -= 1
+        out = []  # this step's chunks, written at once
+        for event in await queue.get():
+            if event.error:
+                yield "".join(out) + _error_chunk(event.error)
+                return
+            if event.token_id is not None:
+                completion_tokens += 1
+                if req.logprobs:
+                    pending[event.index].append(chat_logprob_entry(server.names, event.token_id, event.logprob,
+                                                                   event.top))
+            if event.text:
+                logprobs = {"content": pending[event.index]} if req.logprobs else None
+                pending[event.index] = []
+                out.append(writer.chunk([{"index": event.index, "delta": {"content": event.text},
+                                          "logprobs": logprobs, "finish_reason": None}]))
+            if event.done is not None:
+                logprobs = {"content": pending[event.index]} if req.logprobs and pending[event.index] else None
+                out.append(writer.chunk([{"index": event.index, "delta": {}, "logprobs": logprobs,
+                                          "finish_reason": FINISH[event.done.finish_reason]}]))
+                open_choices -= 1
+        if out:
+            yield "".join(out)
     if writer.include_usage:
         yield writer.usage_chunk(len(job.prompts[0]), completion_tokens)
     yield sse("[DONE]")

@@ -1,16 +1,19 @@
 """Continuous batching: one thread drives a ContinuousBatch step by step; requests join and leave it.
 
+    scheduler = Scheduler(..., handoff=loop.call_soon_threadsafe)
     scheduler.submit(job)   # from the web handlers: queued, or QueueFull (-> 429)
     scheduler.cancel(job)   # the client went away: its rows are released before the next decode step
-    job.emit(event)         # called from the scheduler thread: text pieces, then each choice's end
+    job.emit(events)        # run through `handoff` (on the event loop): this job's events of one step, in order
 
 The KV pool is the batch's R rows x S slots, allocated once: a request holds n rows (one per choice) from
 admission to its last token, so memory never grows with load. A request that does not fit waits in a
 bounded FIFO queue; past `max_queue` waiting requests `submit` refuses (the server answers 429). A
 request's rows are released the step it finishes or is cancelled, and only this thread touches the model.
 
-Each loop: release cancelled jobs, admit waiting jobs while rows are free (their prefill runs here, with a
-cached prefix when one matches), then one decode step for every running row.
+Each loop: release cancelled jobs, admit waiting jobs while rows are free (their prompts prefilled together in
+one model call; a prompt with a cached prefix on its own, computing only the rest), then one decode step for
+every running row, then one `handoff` carrying every job's events of the step. One hand-off per step, not per
+token: each wakes the event loop through a pipe and contends for the GIL with the model's next step.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class Job:
 
     prompts: list[list[int]]
     config: GenerationConfig | None  # None: only score the prompts (echo with max_tokens 0)
-    emit: Callable[[Event], None]
+    emit: Callable[[list[Event]], None]  # called through the scheduler's handoff, with one step's events
     n: int = 1
     prefix_len: int = 0  # leading tokens worth caching (a system prompt); 0 = none
     prompt_top: int | None = None  # score the prompts (echo + logprobs) with this many alternatives
@@ -104,17 +107,23 @@ class Scheduler:
     """The decode loop and its pool of `rows` x `row_len` KV slots. `start()` runs it on its own thread."""
 
     def __init__(self, model: CausalLM, tokenizer, rows: int, row_len: int, max_queue: int,
-                 prefix_entries: int = 4, compile: bool = False, metrics: Metrics | None = None):
+                 prefix_entries: int = 4, compile: bool = False, metrics: Metrics | None = None,
+                 handoff: Callable[[Callable[[], None]], None] | None = None):
+        """handoff(fn) runs fn where the jobs' consumers live (an event loop's call_soon_threadsafe); by
+        default the scheduler thread calls `emit` itself."""
         self.model, self.tokenizer = model, tokenizer
+        self.handoff = handoff
         self.rows, self.row_len, self.max_queue, self.compile = rows, row_len, max_queue, compile
         self.metrics = metrics or Metrics()
         self.prefixes = PrefixCache(prefix_entries)
         self.rows_used = 0  # written by the scheduler thread only
         self.steps = 0  # decode steps so far
-        self.release_lags: list[int] = []  # per cancelled running job: steps between the cancel and its release
+        # per cancelled running job (the last 1,024): steps between the cancel and its release
+        self.release_lags: deque[int] = deque(maxlen=1024)
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._owner: dict[int, tuple[Job, int]] = {}  # row -> (job, choice index)
+        self._outbox: dict[int, tuple[Job, list[Event]]] = {}  # id(job) -> its events since the last hand-off
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -165,23 +174,59 @@ class Scheduler:
     def _run(self) -> None:
         try:
             with ContinuousBatch(self.model, self.tokenizer, self.rows, self.row_len, self.compile) as batch:
+                self.metrics.kv_pool_bytes = sum(c.k.nbytes + c.v.nbytes for c in batch.session.caches)
+                clock = self.metrics.scheduler_seconds
                 while True:
+                    t0 = time.perf_counter()
                     with self._cond:
                         while not (self._stopping or self._waiting or self._active):
                             self._cond.wait()
                         if self._stopping:
                             break
+                    t1 = time.perf_counter()
                     self._release_cancelled(batch)
                     self._admit(batch)
+                    t2 = time.perf_counter()
                     if batch.has_running():
-                        self._dispatch(batch, batch.step())
+                        events = batch.step()
+                        t3 = time.perf_counter()
+                        self._dispatch(batch, events)
                         self.steps += 1
+                        self.metrics.decode_steps += 1
+                        clock["step"] += t3 - t2
+                    else:
+                        t3 = t2
+                    self._flush()
+                    clock["dispatch"] += time.perf_counter() - t3
+                    clock["idle"] += t1 - t0
+                    clock["admit"] += t2 - t1
         except BaseException as e:  # a bug: fail every job rather than hang its client
             self.failure = e
+            self._outbox.clear()
             for job in list(self._active) + list(self._waiting):
                 for i in range(len(job.prompts) * job.n):
-                    job.emit(Event(i, error=f"the scheduler stopped: {type(e).__name__}: {e}"))
+                    self._send(job, Event(i, error=f"the scheduler stopped: {type(e).__name__}: {e}"))
+            self._flush()
             raise
+
+    def _send(self, job: Job, event: Event) -> None:
+        """Queue `event` for `job`; `_flush` hands everything queued over at once."""
+        self._outbox.setdefault(id(job), (job, []))[1].append(event)
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        batches = list(self._outbox.values())
+        self._outbox = {}
+
+        def deliver() -> None:
+            for job, events in batches:
+                job.emit(events)
+
+        if self.handoff is None:
+            deliver()
+        else:
+            self.handoff(deliver)
 
     def _release_cancelled(self, batch: ContinuousBatch) -> None:
         for job in [j for j in self._active if j.cancelled]:
@@ -194,55 +239,92 @@ class Scheduler:
         self.rows_used = self.rows - len(batch.free_rows)
 
     def _admit(self, batch: ContinuousBatch) -> None:
-        while True:
-            with self._cond:
-                if not self._waiting or self._waiting[0].rows_needed > len(batch.free_rows):
-                    return
+        """Start the waiting jobs that fit, in FIFO order, all in this step."""
+        jobs, free = [], len(batch.free_rows)
+        with self._cond:
+            while self._waiting and self._waiting[0].rows_needed <= free:
                 job = self._waiting.popleft()
+                free -= job.rows_needed
+                jobs.append(job)
+        starting = []
+        for job in jobs:
             try:
-                self._start(batch, job)
-            except LmstackError as e:  # validated by the app already; a last guard for the client
-                for row in [r for r, (owner, _) in self._owner.items() if owner is job]:
-                    batch.release(row)
-                    del self._owner[row]
-                if job in self._active:
-                    self._active.remove(job)
-                for i in range(len(job.prompts) * job.n):
-                    job.emit(Event(i, error=str(e)))
-                self.metrics.request_finished("error")
-            self.rows_used = self.rows - len(batch.free_rows)
+                if job.config is not None:
+                    batch.check(job.prompts, job.config)  # validated by the app already; a last guard
+                if self._score(job):
+                    starting.append(job)
+            except LmstackError as e:
+                self._fail(batch, job, str(e))
+        if starting:
+            try:
+                self._start(batch, starting)
+            except LmstackError as e:  # not expected after the checks: fail the jobs rather than the server
+                for job in starting:
+                    self._fail(batch, job, str(e))
+        self.rows_used = self.rows - len(batch.free_rows)
 
-    def _start(self, batch: ContinuousBatch, job: Job) -> None:
+    def _fail(self, batch: ContinuousBatch, job: Job, message: str) -> None:
+        for row in [r for r, (owner, _) in self._owner.items() if owner is job]:
+            batch.release(row)
+            del self._owner[row]
+        if job in self._active:
+            self._active.remove(job)
+        for i in range(len(job.prompts) * job.n):
+            self._send(job, Event(i, error=message))
+        self.metrics.request_finished("error")
+
+    def _score(self, job: Job) -> bool:
+        """Echo's prompt scores first; False when that is the whole job (max_tokens 0), which ends here."""
         with self.metrics.lock:
             self.metrics.prompt_tokens += sum(len(p) for p in job.prompts)
         if job.prompt_top is not None:
             for i, prompt in enumerate(job.prompts):
                 scores = prompt_logprobs(self.model, prompt, job.prompt_top)
                 for j in range(job.n):
-                    job.emit(Event(i * job.n + j, prompt=scores))
-        if job.config is None:  # scoring only: every choice ends here
-            for i in range(len(job.prompts) * job.n):
-                done = SequenceState(None, job.prompts[i // job.n], set(), (), 1)
-                done.finish_reason = "length"
-                job.emit(Event(i, done=done))
-            self.metrics.request_finished("length")
+                    self._send(job, Event(i * job.n + j, prompt=scores))
+        if job.config is not None:
+            return True
+        for i in range(len(job.prompts) * job.n):
+            done = SequenceState(None, job.prompts[i // job.n], set(), (), 1)
+            done.finish_reason = "length"
+            self._send(job, Event(i, done=done))
+        self.metrics.request_finished("length")
+        return False
+
+    def _start(self, batch: ContinuousBatch, jobs: list[Job]) -> None:
+        """Put the jobs' prompts into rows: those with a cached prefix one by one (the prefix is written, the
+        rest computed), all the others in one prefill."""
+        plain: list[tuple[Job, int, list[int]]] = []  # (job, prompt index, prompt)
+        for job in jobs:
+            self._active.append(job)
+            job._open = len(job.prompts) * job.n
+            for i, prompt in enumerate(job.prompts):
+                prefix = self.prefixes.lookup(prompt)
+                if prefix is None:
+                    plain.append((job, i, prompt))
+                    continue
+                rows = batch.add_group([prompt] * job.n, job.config, prefix=prefix)
+                self._placed(batch, job, i, prompt, rows, prefix)
+        if plain:
+            groups = batch.add_groups([([prompt] * job.n, job.config) for job, _, prompt in plain])
+            for (job, i, prompt), rows in zip(plain, groups):
+                self._placed(batch, job, i, prompt, rows, None)
+
+    def _placed(self, batch: ContinuousBatch, job: Job, i: int, prompt: list[int], rows: list[int],
+                prefix: list | None) -> None:
+        """Prompt i of `job` now holds `rows`: record their owner; count and fill the prefix cache."""
+        for j, row in enumerate(rows):
+            self._owner[row] = (job, i * job.n + j)
+        if not job.prefix_len:
             return
-        self._active.append(job)
-        job._open = len(job.prompts) * job.n
-        for i, prompt in enumerate(job.prompts):
-            prefix = self.prefixes.lookup(prompt)
-            rows = batch.add_group([prompt] * job.n, job.config, prefix=prefix)
-            for j, row in enumerate(rows):
-                self._owner[row] = (job, i * job.n + j)
-            if job.prefix_len:
-                cached = prefix is not None and prefix[0][0].shape[1] >= job.prefix_len
-                with self.metrics.lock:
-                    if cached:
-                        self.metrics.prefix_hits += 1
-                    else:
-                        self.metrics.prefix_misses += 1
-                if not cached and self.prefixes.wants(prompt[:job.prefix_len]):
-                    self.prefixes.insert(prompt[:job.prefix_len], batch.session.read_slots(rows[0], job.prefix_len))
+        cached = prefix is not None and prefix[0][0].shape[1] >= job.prefix_len
+        with self.metrics.lock:
+            if cached:
+                self.metrics.prefix_hits += 1
+            else:
+                self.metrics.prefix_misses += 1
+        if not cached and self.prefixes.wants(prompt[:job.prefix_len]):
+            self.prefixes.insert(prompt[:job.prefix_len], batch.session.read_slots(rows[0], job.prefix_len))
 
     def _dispatch(self, batch: ContinuousBatch, events: list) -> None:
         now, generated = time.perf_counter(), 0
@@ -257,8 +339,8 @@ class Scheduler:
                         self.metrics.ttft.observe(now - job.submitted_at)
             logprob = sequence.logprobs[-1] if sequence.logprobs else None
             top = sequence.top_logprobs[-1] if sequence.top_logprobs else None
-            job.emit(Event(index, event.text, event.token_id, logprob, top,
-                           done=sequence if event.finished else None))
+            self._send(job, Event(index, event.text, event.token_id, logprob, top,
+                                  done=sequence if event.finished else None))
             if event.finished:
                 batch.release(event.row)
                 del self._owner[event.row]

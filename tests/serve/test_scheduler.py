@@ -63,7 +63,7 @@ def test_prefix_cache_reuses_a_system_prompt(start_server, tiny):
     assert len(live.scheduler.prefixes) == 1
 
 
-def test_metrics_are_prometheus_text_with_the_counts(start_server):
+def test_metrics_are_prometheus_text_with_the_counts(start_server, tiny):
     from prometheus_client.parser import text_string_to_metric_families
 
     live = start_server()
@@ -74,6 +74,8 @@ def test_metrics_are_prometheus_text_with_the_counts(start_server):
     value = {name: f.samples[0].value for name, f in families.items() if f.type in ("gauge",)}
     assert value["lmstack_requests_running"] == 0 and value["lmstack_kv_rows_used"] == 0
     assert value["lmstack_kv_rows_total"] == 8
+    c = tiny[0].config  # 8 rows of the whole context, K and V per layer, fp32
+    assert value["lmstack_kv_pool_bytes"] == 8 * c.max_seq_len * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4
     assert value["lmstack_generation_tokens_per_second"] > 0
     generated = families["lmstack_generation_tokens"].samples[0].value  # the parser drops _total
     assert generated == 9
@@ -138,3 +140,88 @@ def test_a_copied_prefix_gives_the_full_prefill_logits(tiny):
         assert session.lengths.tolist() == [31, 40, 31]
     torch.testing.assert_close(resumed[0], full[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(resumed[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_partly_empty_pool_of_long_rows_decodes_only_what_it_holds(tiny):
+    """The scheduler's batch decodes rows [0, highest in use] over the slots they hold (a view of the pool):
+    rows that join, leave and leave holes give the tokens of `lmstack.generate` alone, and the logits of the
+    full-width decode."""
+    from lmstack.generate import DecodeSession
+    from lmstack.generate.config import GenerationConfig
+    from lmstack.generate.continuous import ContinuousBatch
+
+    model, tok = tiny
+    prompts = [list(range(5, 5 + n)) for n in (7, 30, 12)]
+    greedy = GenerationConfig(max_new_tokens=20, temperature=0, ignore_eos=True)
+    expected = [lmstack.generate(model, None, [p], max_new_tokens=20, ignore_eos=True).token_ids[0] for p in prompts]
+    with ContinuousBatch(model, tok, rows=6, cache_len=256) as batch:
+        rows = [batch.add(prompts[0], greedy), batch.add(prompts[1], greedy)]
+        for _ in range(3):
+            batch.step()
+        batch.release(rows[0])  # a hole below the highest live row
+        rows.append(batch.add(prompts[2], greedy))  # takes the hole
+        while batch.has_running():
+            batch.step()
+        got = [batch.sequence(rows[1]).ids, batch.sequence(rows[2]).ids]
+    assert got == [expected[1], expected[2]]
+    with DecodeSession(model, rows=4, cache_len=256) as session:
+        session.prefill([prompts[0], prompts[1]], [0, 1])
+        tokens = torch.tensor([3, 4, 0, 0])
+        full = session.decode(tokens)  # (4, V)
+        session.lengths -= session.running  # write the same slots again, through the window
+        window = session.decode(tokens, rows=2)  # (2, V) over 64 slots
+    torch.testing.assert_close(window, full[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_requests_admitted_together_keep_their_own_tokens(tiny):
+    """ContinuousBatch.add_groups (the scheduler's admission of every request that arrived during a step): one
+    prefill for all, and each request's tokens are what it gets alone, greedy or sampled with its seed."""
+    from lmstack.generate.config import GenerationConfig
+    from lmstack.generate.continuous import ContinuousBatch
+
+    model, tok = tiny
+    short, long = list(range(5, 12)), list(range(20, 50))
+    greedy = GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+
+    def run(groups):
+        with ContinuousBatch(model, tok, rows=4, cache_len=128) as batch:
+            rows = batch.add_groups(groups)
+            while batch.has_running():
+                batch.step()
+            return [[batch.sequence(r).ids for r in group] for group in rows]
+
+    together = run([([short], greedy), ([long, long], sampled)])
+    assert together[0] == run([([short], greedy)])[0]
+    assert together[1] == run([([long, long], sampled)])[0]
+    assert together[0][0] == lmstack.generate(model, None, [short], max_new_tokens=12, ignore_eos=True).token_ids[0]
+
+
+def test_one_hand_off_per_step_whatever_the_number_of_requests(tiny):
+    """The scheduler hands each step's events of every job to the consumers' side in one call."""
+    import threading
+
+    from lmstack.generate.config import GenerationConfig
+    from lmstack.serve.scheduler import Job, Scheduler
+
+    model, tok = tiny
+    handoffs, done = [], threading.Semaphore(0)
+    scheduler = Scheduler(model, tok, rows=4, row_len=64, max_queue=8, handoff=lambda fn: (handoffs.append(1), fn()))
+    received: dict[int, list] = {0: [], 1: [], 2: []}
+
+    def emit_for(k):
+        def emit(events):
+            received[k].extend(events)
+            if any(e.done is not None for e in events):
+                done.release()
+        return emit
+
+    config = GenerationConfig(max_new_tokens=5, temperature=0, ignore_eos=True)
+    for k in range(3):  # queued before the loop starts: admitted together, five steps for all three
+        scheduler.submit(Job([[5 + k, 6, 7]], config, emit_for(k)))
+    scheduler.start()
+    for _ in range(3):
+        assert done.acquire(timeout=30)
+    scheduler.stop()
+    assert scheduler.steps == 5 and len(handoffs) == 5
+    assert all(len([e for e in events if e.token_id is not None]) == 5 for events in received.values())
