@@ -62,8 +62,8 @@ from lmstack.train.objectives.ppo import PPOConfig, PPOObjective
 from lmstack.train.objectives.reward import RewardConfig, RewardObjective
 from lmstack.train.reference import (AdapterDisabledReference, FrozenReference, cached_reference_logps,
                                      compute_sequence_logps, fingerprint, reference_identity)
-from lmstack.train.rollout import (FunctionScorer, GRPOPreparation, ModelScorer, PPOPreparation, RolloutConfig,
-                                   RolloutSource)
+from lmstack.train.rollout import (FunctionScorer, GRPOPreparation, ModelScorer, PPOPreparation,
+                                   RolloutCheckpointStore, RolloutConfig, RolloutSource)
 
 Method = Literal["rm", "dpo", "ppo", "grpo", "rloo"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -376,6 +376,7 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
             objective, store = GRPOObjective(cfg.grpo, cfg.rollout.max_new_tokens), _policy_store(cfg, extra)
         batches = source = RolloutSource(records, prompt_ids, tokenizer, cfg.rollout, scorer, prepare, t.grad_accum,
                                          t.seed, dist.rank, dist.world_size)
+        store = RolloutCheckpointStore(store, source)  # a checkpoint inside a rollout keeps the rollout
 
     run_config = to_dict(cfg)
     n_params = sum(p.numel() for p in model.parameters())
