@@ -4,10 +4,12 @@
                implicit-reward accuracy before / after ("heldout_reward_accuracy"), and how often the policy's
                samples follow the rule before / after
     dpo_lora   the same with a LoRA policy (rank 8, every linear): only the adapter trains, and the reference is
-               the policy with its adapter switched off (no second copy of the model)
+               the policy with its adapter switched off (no second copy of the model); the answer tokens' rows of
+               the tied head train beside it and dpo.sft_weight anchors the chosen answers (README: why)
     grpo       GRPO on two-digit addition from an SFT model: greedy exact-match accuracy on held-out problems
-               before / after ("accuracy_before", "accuracy_after") and the share of training wall time spent
-               generating ("generation_time_fraction")
+               before / after ("accuracy_before", "accuracy_after"; at every checkpoint: "greedy_accuracy_by_step"),
+               sampled pass@1, the share of groups with zero advantage and of training wall time spent generating
+               ("generation_time_fraction")
     rm         a reward model on the hh-rlhf pairs in ../shared/data: a small LM pretrained on the training
                split's dialogues, then Bradley-Terry; accuracy on a held-out split beside the "longer answer
                wins" baseline
@@ -15,8 +17,9 @@
                the same tiny Hugging Face Llama and batch, each side in its own process: steps/s, "ratio" and
                peak memory beside it
 
-    python benchmarks/align.py                     # all four, short defaults (a few minutes on 2 cores)
-    python benchmarks/align.py --method grpo --grpo-steps 300 --sft-steps 600     # longer runs
+    python benchmarks/align.py                     # all five (grpo alone: about 12 minutes on a loaded 2-core box)
+    python benchmarks/align.py --method grpo --grpo-sft-steps 600 --grpo-lr 1e-4    # from the stronger SFT model
+    python benchmarks/align.py --method dpo_lora --dpo-lora-adapter-only --dpo-lora-sft-weight 0   # the old LoRA run
 
 The SFT models are trained here from scratch on the tasks' demonstrations (lmstack.align.task_models), so the
 figures need nothing but this repository (and ../shared/data for rm, trl for dpo_speed).
@@ -66,11 +69,21 @@ def _align(cfg_dict: dict):
 
 # ------------------------------------------------------------------------------------------- dpo (rule)
 def bench_dpo_lora(args, work: Path) -> dict:
-    """The same DPO run with a LoRA policy: only a rank-8 adapter trains; the reference is the adapter switched off."""
-    return bench_dpo(args, work, lora={"r": 8, "lora_alpha": 16.0}, lr=args.dpo_lora_lr)
+    """The same DPO run with a LoRA policy: only a rank-8 adapter trains; the reference is the adapter switched off.
+    The rows of the (tied) embedding / head of the answer tokens (a-h, EOS) train beside it
+    (`lora.trainable_token_indices`): without them the adapter can move the answers' log-probabilities only
+    through the trunk, and DPO then lowers the chosen answers with the rejected ones (README, LoRA policies)."""
+    from lmstack.align.task_models import task_tokenizer
+    from lmstack.align.tasks import LETTERS
+    tokenizer = task_tokenizer()
+    rows = [] if args.dpo_lora_adapter_only else sorted(
+        {i for c in LETTERS for i in tokenizer.encode(c)} | {tokenizer.eos_token_id})
+    return bench_dpo(args, work, lora={"r": 8, "lora_alpha": 16.0, "trainable_token_indices": rows},
+                     lr=args.dpo_lora_lr, sft_weight=args.dpo_lora_sft_weight)
 
 
-def bench_dpo(args, work: Path, lora: dict | None = None, lr: float | None = None) -> dict:
+def bench_dpo(args, work: Path, lora: dict | None = None, lr: float | None = None,
+              sft_weight: float | None = None) -> dict:
     from lmstack.align.task_models import sample_answers, train_task_model
     from lmstack.align.tasks import is_sorted_answer, sorted_letters_pairs, sorted_letters_prompts
     from lmstack.data.preference import Renderer, collate_pairs, fixed_batches
@@ -80,6 +93,7 @@ def bench_dpo(args, work: Path, lora: dict | None = None, lr: float | None = Non
     from lmstack.train.recipes.align import heldout_metrics
     from lmstack.train.reference import FrozenReference
 
+    sft_weight = args.dpo_sft_weight if sft_weight is None else sft_weight
     started = time.perf_counter()
     sft = train_task_model("sorted_letters", work / "sorted-sft", steps=args.sft_steps, seed=args.seed)
     tokenizer, sft_model = Tokenizer.load(sft), load_model(sft).eval()
@@ -100,7 +114,8 @@ def bench_dpo(args, work: Path, lora: dict | None = None, lr: float | None = Non
     result, summary = _align({
         "method": "dpo", "model": str(sft), "out_dir": str(work / "dpo"),
         "data": {"task": "sorted_letters", "task_size": 2000, "val_fraction": 0.05},
-        "dpo": {"loss": "sigmoid", "beta": args.beta}, "optim": {"lr": lr or args.dpo_lr},
+        "dpo": {"loss": "sigmoid", "beta": args.beta, "sft_weight": sft_weight},
+        "optim": {"lr": lr or args.dpo_lr, "weight_decay": 0.0},
         **({"lora": lora} if lora else {}),
         "train": {"steps": args.dpo_steps, "batch_size": 16, "seed": args.seed, "progress": False,
                   "threads": args.threads, "peak_flops": 1e12}})
@@ -114,8 +129,12 @@ def bench_dpo(args, work: Path, lora: dict | None = None, lr: float | None = Non
             "heldout_reward_accuracy_before": round(before["reward_accuracy_ties_half"], 3),
             "heldout_reward_accuracy": round(after["reward_accuracy"], 3),
             "heldout_reward_margin": round(after["reward_margin"], 3),
+            "heldout_logps_chosen_before": round(before["logps_chosen"], 2),
+            "heldout_logps_chosen": round(after["logps_chosen"], 2),
+            "heldout_logps_rejected": round(after["logps_rejected"], 2),
             "rule_following_before": round(rule_before, 3), "rule_following_after": round(rule_rate(policy), 3),
             "samples": len(prompts), "sft_steps": args.sft_steps, "dpo_steps": args.dpo_steps, "beta": args.beta,
+            "sft_weight": sft_weight,
             "train_wall_s": summary["wall_s"], "wall_s": round(time.perf_counter() - started, 1),
             "accuracy_note": "before: policy = reference, every pair ties (counted half)", **lora_fields,
             "parameters": summary["parameters"], **machine()}
@@ -128,6 +147,7 @@ def bench_grpo(args, work: Path) -> dict:
     from lmstack.align.tasks import arithmetic_problems
     from lmstack.interop.hf import load_model
     from lmstack.tokenizer import Tokenizer
+    from lmstack.train.metrics import read_metrics
 
     started = time.perf_counter()
     sft = train_task_model("arithmetic", work / "arith-sft", steps=args.grpo_sft_steps, hidden_size=128,
@@ -154,13 +174,22 @@ def bench_grpo(args, work: Path) -> dict:
         "rollout": {"prompts_per_rollout": args.prompts, "max_new_tokens": 4, "temperature": 1.0},
         "optim": {"lr": args.grpo_lr},
         "train": {"steps": args.grpo_steps, "batch_size": args.prompts * args.group_size, "seed": args.seed,
-                  "progress": False, "threads": args.threads, "peak_flops": 1e12}})
+                  "progress": False, "threads": args.threads, "peak_flops": 1e12,
+                  "checkpoint_every": args.grpo_eval_every, "keep_last": 10**6}})
     rollouts = summary["rollouts"]
+    steps = [r for r in read_metrics(work / "grpo" / "metrics.jsonl") if r["kind"] == "train"]
+    curve = {}  # greedy accuracy at each checkpoint: how noisy the end point is
+    for directory in sorted((work / "grpo" / "checkpoints").glob("step-*")) if args.grpo_eval_every else []:
+        curve[int(directory.name.split("-")[1])] = round(accuracy(directory), 3)
     return {"method": "grpo", "task": "two-digit addition, exact match", "heldout_problems": len(held),
             "accuracy_before": round(before, 3), "accuracy_after": round(accuracy(summary["model"]), 3),
             "sampled_accuracy_before": round(sampled_before, 3),
             "sampled_accuracy_after": round(accuracy(summary["model"], 1.0, 4), 3),
             "accuracy_note": "accuracy: greedy; sampled: temperature 1 (the policy GRPO trains), 4 samples each",
+            "greedy_accuracy_by_step": curve,
+            "zero_signal_groups": round(sum(r["zero_signal_groups"] for r in steps) / len(steps), 3),
+            "reward_first_last_20_steps": [round(sum(r["reward"] for r in steps[:20]) / 20, 3),
+                                           round(sum(r["reward"] for r in steps[-20:]) / 20, 3)],
             "generation_time_fraction": round(rollouts["generation_time_fraction"], 3),
             "rollout_time_fraction": round(rollouts["rollout_s"] / result.wall_s, 3),
             "group_size": args.group_size, "prompts_per_step": args.prompts, "grpo_steps": args.grpo_steps,
@@ -399,15 +428,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=300, help="held-out prompts / problems")
     parser.add_argument("--sft-steps", type=int, default=300, help="dpo: SFT steps of the sorted-letters model")
-    parser.add_argument("--grpo-sft-steps", type=int, default=600, help="grpo: SFT steps of the arithmetic model")
+    parser.add_argument("--grpo-sft-steps", type=int, default=475, help="grpo: SFT steps of the arithmetic model "
+                        "(475: greedy about 0.5, room to rise; 600: about 0.69)")
     parser.add_argument("--dpo-steps", type=int, default=150)
     parser.add_argument("--dpo-lr", type=float, default=1e-3)
-    parser.add_argument("--dpo-lora-lr", type=float, default=3e-4)
+    parser.add_argument("--dpo-lora-lr", type=float, default=1e-3)
+    parser.add_argument("--dpo-lora-sft-weight", type=float, default=1.0, help="dpo_lora: dpo.sft_weight")
+    parser.add_argument("--dpo-lora-adapter-only", action="store_true",
+                        help="dpo_lora: train the adapter alone (no answer-token rows): the unstable setting")
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--dpo-sft-weight", type=float, default=0.0, help="dpo, dpo_lora: dpo.sft_weight (RPO's NLL)")
     parser.add_argument("--grpo-steps", type=int, default=200)
-    parser.add_argument("--grpo-lr", type=float, default=1e-4)
-    parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--prompts", type=int, default=16, help="GRPO prompts per step")
+    parser.add_argument("--grpo-lr", type=float, default=3e-4)
+    parser.add_argument("--grpo-eval-every", type=int, default=50, help="grpo: greedy accuracy every N steps (0: off)")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=64, help="GRPO prompts per step (64 x 8: many distinct "
+                        "problems per step; 16 x 16 improved mostly the problems it trained on)")
     parser.add_argument("--lm-steps", type=int, default=400, help="rm: pretraining steps of the HH language model")
     parser.add_argument("--rm-steps", type=int, default=300)
     parser.add_argument("--rm-lr", type=float, default=3e-4)

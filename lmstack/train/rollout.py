@@ -3,8 +3,9 @@
 A batch source with `needs_model = True` (lmstack.train.engine): the engine calls micro_batches(step,
 model) with the current model in eval mode. Every `epochs × minibatches` optimizer steps make one rollout:
 
-  1. P prompts drawn from the prompt set, seeded from (seed, rollout index, rank): resume regenerates
-     the same prompts and samples (exactly so at rollout boundaries);
+  1. P prompts drawn from the prompt set, seeded from (seed, rollout index, rank): resume at a rollout
+     boundary regenerates the same prompts and samples; a checkpoint taken inside a rollout (PPO's epochs)
+     stores the rollout itself (`RolloutCheckpointStore`), so resume there is exact too;
   2. each prompt sampled G times (GRPO / RLOO: the group; PPO: G = 1) in ONE decode session over P·G rows
      (`sample_groups`): each prompt is prefilled once and its cache copied to its G rows, then every row
      decodes together, with no per-row Python work per step. The same samples as `lmstack.generate` on the
@@ -27,10 +28,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from lmstack.align.rewards import RewardFn, RewardStats, score_samples
@@ -265,6 +269,7 @@ class RolloutSource:
         self.tokens_per_step = int(self.rows * world_size * (mean_prompt + cfg.max_new_tokens / 2)
                                    * cfg.epochs / cfg.steps_per_rollout)
         self._cycle, self._rollout = None, None
+        self._next_step, self._restored = 0, None
         self.totals = {"rollouts": 0, "samples": 0, "dropped": 0, "generate_s": 0.0, "rollout_s": 0.0}
         self.last_samples: list[dict[str, Any]] = []
 
@@ -334,7 +339,10 @@ class RolloutSource:
     def micro_batches(self, step: int, model: nn.Module) -> list[Batch]:
         cycle, k = divmod(step, self.cfg.steps_per_rollout)
         if cycle != self._cycle:
-            self._rollout, self._cycle = self.make_rollout(cycle, model), cycle
+            restored = self._restored is not None and self._restored[0] == cycle
+            self._rollout = self._restored[1] if restored else self.make_rollout(cycle, model)
+            self._cycle, self._restored = cycle, None
+        self._next_step = step + 1
         epoch, minibatch = divmod(k, self.cfg.minibatches)
         N = self._rollout["input_ids"].shape[0]
         order = (np.arange(N) if epoch == 0 else
@@ -347,6 +355,19 @@ class RolloutSource:
             stats["generation_s"] = stats["rollout_s"] = torch.tensor(0.0)
         return [self._slice(rows[i:i + per_micro], stats) for i in range(0, size, per_micro)]
 
+    # --------------------------------------------------------------- checkpoints inside a rollout
+    def pending_rollout(self) -> tuple[int, Batch] | None:
+        """(index, rollout) when the next step still trains on the current rollout: a checkpoint taken there
+        must keep it, since regenerating it from the updated policy would give other samples. None at a
+        rollout boundary, and with several processes (each rank has its own rollout; rank 0 writes alone)."""
+        if self._rollout is None or self.world_size > 1 or self._next_step % self.cfg.steps_per_rollout == 0:
+            return None
+        return self._cycle, self._rollout
+
+    def restore_rollout(self, cycle: int, rollout: Batch) -> None:
+        """Serve `rollout` (from a checkpoint) as rollout `cycle` instead of sampling it again."""
+        self._restored = (cycle, rollout)
+
     def _slice(self, rows: np.ndarray, stats: dict[str, torch.Tensor]) -> Batch:
         index = torch.as_tensor(rows, dtype=torch.long)
         T = int(self._rollout["attention_mask"][index].sum(-1).max())  # trim the columns that are padding here
@@ -356,5 +377,47 @@ class RolloutSource:
         return out
 
 
-__all__ = ["FunctionScorer", "GRPOPreparation", "ModelScorer", "PPOPreparation", "RolloutConfig", "RolloutSource",
-           "sample_groups"]
+ROLLOUT_FILE = "rollout.safetensors"
+
+
+@dataclass
+class RolloutCheckpointStore:
+    """A checkpoint store (any ModelStore) that also keeps the pending rollout of a checkpoint taken inside
+    one (`ROLLOUT_FILE`: its tensors, `stats.*`, the rollout index in the metadata) and hands it back to the
+    source on resume."""
+
+    inner: Any
+    source: RolloutSource
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.inner.state(model)
+
+    def write(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+        self.inner.write(model, state, directory)
+        pending = self.source.pending_rollout()
+        if pending is None:
+            return
+        cycle, rollout = pending
+        tensors = {k: v for k, v in rollout.items() if isinstance(v, torch.Tensor)}
+        tensors.update({f"stats.{k}": v for k, v in rollout["stats"].items()})
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, directory / ROLLOUT_FILE,
+                  metadata={"format": "pt", "rollout": str(cycle)})
+
+    def read(self, directory: Path) -> dict[str, torch.Tensor]:
+        return self.inner.read(directory)
+
+    def load_into(self, model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+        self.inner.load_into(model, state, directory)
+        file = Path(directory) / ROLLOUT_FILE
+        if not file.exists():
+            return
+        with safe_open(file, framework="pt") as f:
+            cycle = int(f.metadata()["rollout"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        rollout: Batch = {k: v for k, v in tensors.items() if not k.startswith("stats.")}
+        rollout["stats"] = {k[len("stats."):]: v for k, v in tensors.items() if k.startswith("stats.")}
+        self.source.restore_rollout(cycle, rollout)
+
+
+__all__ = ["FunctionScorer", "GRPOPreparation", "ModelScorer", "PPOPreparation", "ROLLOUT_FILE", "RolloutCheckpointStore",
+           "RolloutConfig", "RolloutSource", "sample_groups"]

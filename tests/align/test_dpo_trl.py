@@ -111,6 +111,27 @@ def test_dpo_gradient_equals_trl(hf_pair, dpo_trainer):
         assert (p.grad - theirs[name].grad).abs().max().item() <= TOL * scale, name
 
 
+def test_dpo_with_sft_term_equals_trl(hf_pair, dpo_trainer):
+    """dpo.sft_weight α (RPO) is trl's loss_type [sigmoid, sft] with loss_weights [1, α]. trl's NLL is one mean
+    over the batch's chosen tokens, ours each pair's mean: equal chosen lengths make the two the same."""
+    pairs = random_pairs(4, seed=3, equal_chosen=True)
+    ids, attention, completion = _trl_rows(pairs)
+    trainer = dpo_trainer
+    trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing = ["sigmoid", "sft"], [1.0, 0.5], 0.1, 0.0
+    trainer.model.train()
+    theirs = trainer._compute_loss(trainer.model, {"input_ids": ids, "attention_mask": attention,
+                                                   "completion_mask": completion}, False)
+    reference = FrozenReference(hf_pair["reference"])
+    ours = PreferenceObjective(PreferenceConfig(beta=0.1, sft_weight=0.5), reference)(hf_pair["policy"],
+                                                                                     collate_pairs(pairs, 0))
+    assert close(ours.mean().item(), theirs.item())
+    plain = PreferenceObjective(PreferenceConfig(beta=0.1), reference)(hf_pair["policy"], collate_pairs(pairs, 0))
+    chosen_tokens = sum(len(p.chosen) for p in pairs)
+    nll = -plain.metrics["logps_chosen"].item() / chosen_tokens  # the chosen answers' mean NLL per token
+    assert close(ours.mean().item(), plain.mean().item() + 0.5 * nll)
+    assert close(ours.metrics["nll"].item() / len(pairs), nll)
+
+
 def test_kto_equals_trl(hf_pair, tmp_path):
     """KTO on unpaired examples, with the KL reference point from the rotated (mismatched) completions."""
     pairs = random_pairs(3, seed=3)

@@ -109,10 +109,55 @@ def test_lora_ppo_resumes_exactly_and_starts_from_a_merged_sft_adapter(task_mode
     torch.testing.assert_close(reference, peer, rtol=0, atol=1e-5)
 
 
-def test_reward_models_refuse_lora(task_model_dir, tmp_path):
+def test_lora_reward_model_is_a_peft_seq_cls_adapter_with_the_same_scores(task_model_dir, tmp_path):
+    """`align rm` with `lora:`: only the body's adapters and the score head train; OUT/adapter is a peft SEQ_CLS
+    adapter (modules_to_save: score) that transformers + peft put on the starting LM with the same scores, and
+    OUT/model the merged sequence-classification directory; a run stopped and resumed is exact."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lmstack.interop.hf_heads import load_score_model
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.train.recipes.align import publish
+
+    out = tmp_path / "rm"
+    engine, parts = build(config("rm", task_model_dir, out, lora=LORA, train={"steps": 4}))
+    model = parts.model
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "score.weight" in trains and all("lora_" in n or n == "score.weight" for n in trains)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trains}
+    score_before = model.score.weight.detach().clone()
+    engine.fit()
+    publish(engine, parts)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert not torch.equal(model.score.weight, score_before)
+
+    pad = Tokenizer.load(task_model_dir).pad_token_id
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(pad + 1, 20, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, 6:], mask[1, 6:] = pad, 0  # right padding: the score is read at the last real token
+    with torch.no_grad():
+        ours = model.eval()(ids, mask)
+        merged = load_score_model(out / "model").eval()(ids, mask)
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(task_model_dir, num_labels=1,
+                                                                                pad_token_id=pad)
+        theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+        assert type(theirs).__name__ == "PeftModelForSequenceClassification"
+        theirs = theirs(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    torch.testing.assert_close(merged, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+    part = tmp_path / "part"
+    run(config("rm", task_model_dir, part, lora=LORA, train={"steps": 2}))
+    run(config("rm", task_model_dir, part, lora=LORA, train={"steps": 4}), resume=True)
+    resumed = [r["loss"] for r in read_metrics(part / "metrics.jsonl") if r["kind"] == "train"]
+    assert resumed[-2:] == pytest.approx(train_losses(out)[-2:], rel=1e-5)
+
+
+def test_reward_models_refuse_an_sft_adapter(task_model_dir, tmp_path):
     from lmstack.errors import ConfigError
-    with pytest.raises(ConfigError, match="align rm trains the whole reward model"):
-        build(config("rm", task_model_dir, tmp_path / "rm", lora=LORA))
+    with pytest.raises(ConfigError, match="align rm starts from `model` alone"):
+        build(config("rm", task_model_dir, tmp_path / "rm", adapter=str(tmp_path / "sft-adapter")))
 
 
 def test_lora_precomputed_reference_is_the_base(task_model_dir, tmp_path):
@@ -124,3 +169,32 @@ def test_lora_precomputed_reference_is_the_base(task_model_dir, tmp_path):
     sums = frozen.token_logprobs(None, batch["input_ids"], batch["attention_mask"], batch["targets"]).sum(-1)
     B = batch["ref_logps"].shape[0]
     torch.testing.assert_close(batch["ref_logps"], torch.stack([sums[:B], sums[B:]], 1), rtol=0, atol=1e-5)
+
+
+
+@pytest.mark.slow
+def test_shipped_lora_dpo_config_raises_the_chosen_answers(tmp_path):
+    """The LoRA DPO instability, as a test: with the adapter alone (the old config) the held-out chosen answers'
+    log-probability fell with the rejected ones, the samples stopped being letters and accuracy stayed ~0.8.
+    The shipped config (answer-token rows of the tied head + dpo.sft_weight) must separate the pairs AND leave
+    the chosen answers more likely than the SFT model had them, with samples that follow the rule far more."""
+    from lmstack.align.task_models import sample_answers, train_task_model
+    from lmstack.align.tasks import is_sorted_answer, sorted_letters_prompts
+    from lmstack.schema import load_config
+    from lmstack.train.recipes.align import AlignConfig
+    from tests.align.test_recipes import CONFIGS
+
+    sft = train_task_model("sorted_letters", tmp_path / "sft", steps=300, seed=0)
+    cfg = load_config(AlignConfig, CONFIGS / "align-dpo-sorted-letters-lora.yaml",
+                      [f"--model={sft}", f"--out_dir={tmp_path / 'dpo'}", "--train.progress=false"])
+    _, summary = run(cfg)
+    held = summary["heldout"]  # reward_chosen = beta * (log pi - log pi_ref)(chosen): > 0 means more likely
+    assert held["reward_accuracy"] >= 0.9 and held["reward_chosen"] > 0, held
+    from lmstack.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(sft)
+    prompts = [r["prompt"] for r in sorted_letters_prompts(200, seed=100)]
+
+    def rule(model) -> float:
+        answers = sample_answers(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, seed=0)
+        return sum(map(is_sorted_answer, answers)) / len(answers)
+    assert rule(lmstack.load_model(summary["model"]).eval()) >= rule(lmstack.load_model(sft).eval()) + 0.3

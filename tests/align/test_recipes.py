@@ -106,6 +106,23 @@ def test_resume_through_the_checkpoint_store_is_exact(name, task_model_dir, tmp_
     assert resumed[-2:] == pytest.approx(train_losses(full)[-2:], rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["ppo", "grpo"])
+def test_resume_inside_a_rollout_is_exact(name, task_model_dir, tmp_path):
+    """Two steps per rollout (PPO: 2 epochs; GRPO: 2 minibatches), stopped after step 3: the checkpoint is inside
+    rollout 1, so it keeps that rollout (rollout.safetensors) and the resumed step trains on the same samples
+    as the uninterrupted run (regenerating it from the updated policy would not)."""
+    rollout = {"epochs": 2} if name == "ppo" else {"minibatches": 2}
+    full = tmp_path / "full"
+    run(config(name, task_model_dir, full, rollout=rollout, train={"steps": 4}))
+    part = tmp_path / "part"
+    run(config(name, task_model_dir, part, rollout=rollout, train={"steps": 3}))
+    assert (part / "checkpoints" / "step-00000003" / "rollout.safetensors").is_file()
+    assert not (full / "checkpoints" / "step-00000004" / "rollout.safetensors").exists()  # at a boundary: none
+    run(config(name, task_model_dir, part, rollout=rollout, train={"steps": 4}), resume=True)
+    resumed = [r["loss"] for r in read_metrics(part / "metrics.jsonl") if r["kind"] == "train"]
+    assert resumed[-1] == pytest.approx(train_losses(full)[-1], rel=1e-5)
+
+
 def test_precomputed_reference_equals_the_live_reference(task_model_dir, tmp_path):
     live = tmp_path / "live"
     run(config("dpo", task_model_dir, live))

@@ -21,8 +21,12 @@ The objective returns the loss SUMMED over pairs (KTO: examples) and their count
 the logged metrics summed over the same pairs: reward_accuracy (pairs with chosen reward > rejected, as
 trl counts it), reward_ties (equal rewards: every pair at the first step, where policy = reference), reward_margin, reward_chosen / reward_rejected, logps_chosen / logps_rejected.
 
-One difference from trl, on purpose: ORPO's NLL term is each pair's mean over its chosen tokens (summed
-over pairs like every other term), where trl takes one mean over all chosen tokens of the device batch,
+`sft_weight` α adds α · NLL(chosen) to each pair's loss (RPO, Pang et al. 2024; trl's loss_type ["sigmoid",
+"sft"] with loss_weights [1, α]): DPO constrains only the chosen-minus-rejected difference, so a policy may
+lower both answers' likelihood at once (likelihood displacement); the NLL term holds the chosen one up.
+
+One difference from trl, on purpose: ORPO's NLL term (and the sft term) is each pair's mean over its chosen
+tokens (summed over pairs like every other term), where trl takes one mean over all chosen tokens of the batch,
 which would make the gradient depend on how a step is split into micro-batches. The two agree when the
 chosen sequences have equal lengths (the trl parity test uses such a batch). `orpo_nll: all` also
 scores the prompt tokens, as trl does; the default `completion` scores the answer only, as the paper.
@@ -60,6 +64,7 @@ class PreferenceConfig:
     desirable_weight: float = 1.0  # KTO: weight of desirable examples
     undesirable_weight: float = 1.0  # KTO: weight of undesirable examples
     precompute_reference: bool = False  # score the reference once before training, cached on disk
+    sft_weight: float = 0.0  # α: + α · NLL(chosen) per pair (RPO; trl's loss_type [sigmoid, sft]); 0 = off
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -68,6 +73,11 @@ class PreferenceConfig:
             raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
             raise ConfigError("dpo.desirable_weight and dpo.undesirable_weight must be positive")
+        if self.sft_weight < 0:
+            raise ConfigError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
+        if self.sft_weight and self.loss in ("kto", "orpo"):
+            raise ConfigError(f"dpo.sft_weight is for the pairwise losses; {self.loss} has its own NLL / KL terms: "
+                              "set dpo.sft_weight: 0")
 
     @property
     def uses_reference(self) -> bool:
@@ -184,6 +194,10 @@ class PreferenceObjective:
             metrics["nll"] = nll.detach().sum()
             metrics["odds_ratio_loss"] = losses.detach().sum()
             losses = losses + nll
+        elif cfg.sft_weight:  # RPO: the chosen answers' likelihood anchored (DPO alone may lower it: see above)
+            nll = -nll_tokens / nll_counts.clamp(min=1)  # (B,)
+            metrics["nll"] = nll.detach().sum()
+            losses = losses + cfg.sft_weight * nll
         return Loss(losses.sum(), B, metrics)
 
     def _kto(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Loss:

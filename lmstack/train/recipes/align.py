@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmstack.adapters import AdapterStore, LoraConfig, apply_lora, save_adapter, unload
+from lmstack.align.reward_adapter import ScoreAdapterStore, apply_reward_lora, merged_score_model, save_score_adapter
 from lmstack.align.rewards import resolve_reward_fn
 from lmstack.align.tasks import arithmetic_problems, sorted_letters_pairs
 from lmstack.atomic import write_text
@@ -61,8 +62,8 @@ from lmstack.train.objectives.ppo import PPOConfig, PPOObjective
 from lmstack.train.objectives.reward import RewardConfig, RewardObjective
 from lmstack.train.reference import (AdapterDisabledReference, FrozenReference, cached_reference_logps,
                                      compute_sequence_logps, fingerprint, reference_identity)
-from lmstack.train.rollout import (FunctionScorer, GRPOPreparation, ModelScorer, PPOPreparation, RolloutConfig,
-                                   RolloutSource)
+from lmstack.train.rollout import (FunctionScorer, GRPOPreparation, ModelScorer, PPOPreparation,
+                                   RolloutCheckpointStore, RolloutConfig, RolloutSource)
 
 Method = Literal["rm", "dpo", "ppo", "grpo", "rloo"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -90,7 +91,8 @@ class AlignConfig:
     tokenizer: str | None = None  # a tokenizer directory; null = the model's
     reference: str | None = None  # the reference model directory; null = the starting model, frozen
     adapter: str | None = None  # an SFT adapter (peft directory) on `model`, merged into it before training
-    lora: LoraConfig | None = None  # train a LoRA adapter (dpo, ppo, grpo, rloo); the reference: adapter off
+    lora: LoraConfig | None = None  # train a LoRA adapter (dpo, ppo, grpo, rloo: the reference is adapter off; rm:
+    # the body's adapter plus the score head, saved as a peft SEQ_CLS adapter)
     out_dir: str = "runs/align"
     data: AlignDataConfig = field(default_factory=AlignDataConfig)
     rm: RewardConfig = field(default_factory=RewardConfig)
@@ -266,11 +268,14 @@ def _reference(cfg: AlignConfig, policy: nn.Module) -> FrozenReference | Adapter
     return FrozenReference(policy)
 
 
+def _base_name(cfg: AlignConfig) -> str:
+    return str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
+
+
 def _policy_store(cfg: AlignConfig, extra: dict[str, Path]) -> WholeModel | AdapterStore:
     if cfg.lora is None:
         return WholeModel(extra)
-    base = str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
-    return AdapterStore(base_model_name_or_path=base, extra_files=extra)
+    return AdapterStore(base_model_name_or_path=_base_name(cfg), extra_files=extra)
 
 
 def _preference_parts(cfg: AlignConfig, renderer: Renderer, path: Path, out_dir: Path, counts: dict[str, Any],
@@ -320,9 +325,9 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
     resume_from = resume_point(out_dir, resume)
     if cfg.method == "rloo":
         cfg.grpo.advantage = "rloo"
-    if cfg.method == "rm" and (cfg.lora is not None or cfg.adapter is not None):
-        raise ConfigError("align rm trains the whole reward model: remove `lora:` / `adapter:` (LoRA serves dpo, "
-                          "ppo, grpo and rloo)")
+    if cfg.method == "rm" and cfg.adapter is not None:
+        raise ConfigError("align rm starts from `model` alone: remove `adapter:` (merge the SFT adapter into a model "
+                          "directory first: lmstack.load_model(base, adapter=...) then save_model); `lora:` works")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = Path(cfg.tokenizer or cfg.model)
     tokenizer = Tokenizer.load(tokenizer_dir)
@@ -337,10 +342,12 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
         if cfg.method == "rm":
             model = (load_score_model(cfg.model) if is_score_model_dir(cfg.model)
                      else score_model_from_lm(cfg.model, pad_token_id=pad))
+            if cfg.lora is not None:  # adapters on the body, the score head in full (a peft SEQ_CLS adapter)
+                apply_reward_lora(model, cfg.lora)
             renderer = Renderer(tokenizer, cfg.data.max_len or model.config.max_seq_len, cfg.data.format)
             train, held = _pairs(cfg, renderer, path, counts)
             objective, collate = RewardObjective(cfg.rm), (lambda items: collate_pairs(items, pad))
-            store = ScoreModelStore(extra)
+            store = ScoreModelStore(extra) if cfg.lora is None else ScoreAdapterStore(_base_name(cfg), extra)
         else:
             max_len = cfg.data.max_len or read_config(cfg.model).max_seq_len
             renderer = Renderer(tokenizer, max_len, cfg.data.format)
@@ -369,6 +376,7 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
             objective, store = GRPOObjective(cfg.grpo, cfg.rollout.max_new_tokens), _policy_store(cfg, extra)
         batches = source = RolloutSource(records, prompt_ids, tokenizer, cfg.rollout, scorer, prepare, t.grad_accum,
                                          t.seed, dist.rank, dist.world_size)
+        store = RolloutCheckpointStore(store, source)  # a checkpoint inside a rollout keeps the rollout
 
     run_config = to_dict(cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -416,6 +424,11 @@ def publish(engine: Engine, parts: AlignParts) -> Path:
     if out.exists():
         shutil.rmtree(out)
     if isinstance(model, ScoreModel):
+        if parts.cfg.lora is not None:  # OUT/adapter: peft SEQ_CLS (adapter + score head); OUT/model: merged
+            shutil.rmtree(Path(parts.cfg.out_dir) / "adapter", ignore_errors=True)
+            save_score_adapter(model, Path(parts.cfg.out_dir) / "adapter", _base_name(parts.cfg),
+                               _tokenizer_files(Path(parts.cfg.tokenizer or parts.cfg.model)))
+            model = merged_score_model(model)
         return save_score_model(model, out, files)
     policy = model.policy if isinstance(model, ValueHeadModel) else model
     if parts.cfg.lora is not None:
