@@ -118,11 +118,34 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         known = ", ".join(sorted(fields))
         raise _key_error(f"{prefix}{unknown[0]}", f"unknown key {prefix}{unknown[0]!s} (known keys: {known})")
+    data = {name: _with_recipe_defaults(fields[name], value) for name, value in data.items()}
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def _with_recipe_defaults(f: dataclasses.Field, value: Any) -> Any:
+    """A section given as a mapping keeps the defaults its owner chose for the keys it does not set.
+
+    `optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0))` is a recipe
+    saying what its optimizer defaults are; a config that sets only `optim: {lr: 3e-4}` must still get that
+    weight_decay 0.0, not OptimConfig's own 0.1. Only the keys where the owner's instance differs from the
+    class's plain defaults are filled in, so a section keeps meaning what its class documents otherwise."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return value
+    try:
+        plain = type(default)()
+    except TypeError:  # required fields: no plain defaults to compare with
+        return value
+    chosen = {g.name: getattr(default, g.name) for g in dataclasses.fields(default)
+              if g.init and g.name not in value and getattr(default, g.name) != getattr(plain, g.name)}
+    chosen = {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in chosen.items()}
+    return {**chosen, **value}
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

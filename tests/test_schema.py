@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lmstack.errors import ConfigError
-from lmstack.schema import json_error, load_config, load_yaml, read_json
+from lmstack.schema import from_dict, json_error, load_config, load_yaml, read_json
 from lmstack.train.config import PretrainConfig
 
 
@@ -75,3 +75,17 @@ def test_optional_fields_are_described_in_words():
     with pytest.raises(ConfigError) as e:
         load_config(_Opt, None, ["--size=big"])
     assert str(e.value) == "--size=big (command line): expected an integer or null, got 'big'"
+
+
+def test_a_section_that_sets_some_keys_keeps_the_owners_other_defaults():
+    """A recipe's `optim` defaults (weight_decay 0.0) survive a config that sets only the learning rate; keys the
+    recipe left at the class default stay the class default; an explicit value wins."""
+    from lmstack.train.recipes.finetune import FinetuneConfig
+
+    base = FinetuneConfig()
+    assert base.optim.weight_decay == 0.0 and base.optim.lr == 2e-4  # the recipe's choice, not OptimConfig's
+    cfg = from_dict(FinetuneConfig, {"optim": {"lr": 3e-4}})
+    assert cfg.optim.lr == 3e-4 and cfg.optim.weight_decay == 0.0
+    assert cfg.optim.betas == base.optim.betas
+    assert from_dict(FinetuneConfig, {"optim": {"weight_decay": 0.1}}).optim.weight_decay == 0.1
+    assert from_dict(FinetuneConfig, {"train": {"steps": 5}}).train.seq_len == base.train.seq_len == 512
