@@ -111,11 +111,16 @@ class AdamW8bit(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose moments are stored block-wise in 8 bits; see the module docstring."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, min_8bit_size: int = 4096, chunk_size: int = 65536):
+                 weight_decay: float = 0.0, min_8bit_size: int = 4096, chunk_size: int = 65536,
+                 threads: int | None = 1):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         if chunk_size <= 0 or chunk_size % BLOCK:
             raise TrainingError(f"AdamW8bit: chunk_size must be a positive multiple of {BLOCK}, got {chunk_size}")
         self.min_8bit_size, self.chunk_size = min_8bit_size, chunk_size
+        # intra-op threads during the update (None: leave torch's setting). A chunk's ops take tens of microseconds,
+        # too little to split: on a loaded 2-core machine two threads made the step 4-9x slower than one (each op
+        # waits for a descheduled sibling thread), and one thread was faster than bitsandbytes' CPU kernel.
+        self.threads = threads
         self._maps: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _codes(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -153,6 +158,16 @@ class AdamW8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = closure() if closure is not None else None
+        threads = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            self._step()
+        finally:
+            torch.set_num_threads(threads)
+        return loss
+
+    def _step(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -165,7 +180,6 @@ class AdamW8bit(torch.optim.Optimizer):
                 else:
                     _adamw_update(p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1),
                                   state["exp_avg_sq"].view(-1), group, step)
-        return loss
 
     def _update_8bit(self, p: torch.Tensor, state: dict, group: dict, step: int) -> None:
         """AdamW on 8-bit moments, `chunk_size` values at a time: each chunk's moments are dequantized into fp32

@@ -92,6 +92,21 @@ def test_chunks_change_nothing_and_temporaries_do_not_grow_with_the_tensor():
     assert peaks[4096] <= 4096 * 8 < 300_000 * 4 <= peaks[300_032]
 
 
+def test_one_thread_update_gives_the_same_bits_and_restores_torchs_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, g = torch.randn(70_000), torch.randn(70_000)
+        params = [torch.nn.Parameter(w.clone()) for _ in range(2)]
+        for p, threads in zip(params, (1, None)):  # one thread for the update, or torch's two
+            p.grad = g.clone()
+            AdamW8bit([p], lr=1e-2, threads=threads).step()
+            assert torch.get_num_threads() == 2
+        assert torch.equal(params[0], params[1])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_state_survives_the_checkpoint_format():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128))
