@@ -16,6 +16,11 @@ thousand records leaves unseen problems of every kind for evaluation.
 training set (`exclude`), so exact match on them measures generalisation, not recall. Used by
 `data.train: builtin:instruct-tasks` and benchmarks/finetune_quality.py; issue 14's reward functions can
 use `exact_match`.
+
+`pretraining_lines(n, seed)` is text for a base model's pretraining mixture, never an instruction's answer: the
+task prompts alone, and generic drills a character model sees too rarely in a few minutes of prose to learn from
+it: a word or digit string said twice (copying from the context), counting (number successors). A small model
+pretrained on prose alone could not copy from its context, and fine-tuning did not teach it within 600 steps.
 """
 
 from __future__ import annotations
@@ -65,9 +70,30 @@ def generate_tasks(n: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[d
     return records
 
 
+def pretraining_lines(n: int, seed: int = 0) -> list[str]:
+    """n lines of pretraining text in turn: a task prompt (no answer), a word said twice, digits said twice,
+    a count. A pure function of its arguments."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            lines.append(_problem(rng, KINDS[(i // 4) % len(KINDS)])[0])
+        elif kind == 1:
+            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+            lines.append(f"'{word}', I said again: '{word}'.")
+        elif kind == 2:
+            digits = " ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5)))
+            lines.append(f"The numbers were {digits}; again, {digits}.")
+        else:
+            start = rng.randint(0, 95)
+            lines.append("Counting: " + " ".join(str(k) for k in range(start, start + rng.randint(3, 6))) + ".")
+    return lines
+
+
 def exact_match(prediction: str, answer: str) -> bool:
     """The answer, ignoring surrounding whitespace."""
     return prediction.strip() == answer.strip()
 
 
-__all__ = ["BUILTIN", "KINDS", "exact_match", "generate_tasks"]
+__all__ = ["BUILTIN", "KINDS", "exact_match", "generate_tasks", "pretraining_lines"]

@@ -5,7 +5,9 @@ written in torch: each moment tensor is cut into blocks of 256 values; a block k
 (fp32) and one byte per value, the index of the nearest entry of a dynamic map (signed for the first moment,
 unsigned for the second: bitsandbytes' `create_dynamic_map`, fine steps near zero, coarse near one). Each
 step dequantizes a moment, updates it exactly as AdamW does (bitsandbytes' arithmetic), and quantizes it
-again with the block's new maximum. State: 2 bytes + 8 / 256 per parameter instead of 8, so a full
+again with the block's new maximum, `chunk_size` values (256 blocks) at a time: the fp32 temporaries are a
+few hundred KB that stay in cache, never a whole tensor's worth (the 8192 x 512 embedding's would be ~150 MB).
+Blocks are independent, so chunking changes nothing in the numbers. State: 2 bytes + 8 / 256 per parameter instead of 8, so a full
 fine-tune's optimizer state shrinks about 3.9x. Tensors under `min_8bit_size` values (norms, biases) keep
 fp32 moments, as bitsandbytes does: their share is small and their statistics are the least regular.
 
@@ -44,39 +46,89 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (any shape, n values) -> (codes (n,) uint8, absmax (ceil(n / 256),) fp32): nearest code of x / absmax."""
+class CodeSearch:
+    """The nearest entry of a sorted 256-value map for every value of a tensor, without a binary search.
+
+    `torch.bucketize` over the 255 midpoints costs ~8 dependent comparisons per value (it was 0.4 us per value,
+    most of the 8-bit step). Instead: a float32's top 16 bits (sign, exponent, 7 mantissa bits) name a range of
+    values 1/128 of an octave wide; a table gives, per range, how many midpoints lie below it (`base`), and at
+    most one midpoint lies inside it (the dynamic maps' neighbouring entries are >1% apart; checked when the
+    table is built), so the answer is `base + (x > midpoint[base])`: two gathers and a comparison per value,
+    equal to bucketize's answer for every float."""
+
+    def __init__(self, code: torch.Tensor):
+        midpoints = (code[:-1] + code[1:]) / 2
+        keys = torch.arange(-2**15, 2**15, dtype=torch.int32)  # every top-16-bit pattern, as bits >> 16 gives it
+        ends = torch.stack([keys << 16, (keys << 16) | 0xFFFF]).view(torch.float32)  # (2, 65536) the range's ends
+        low, high = ends.min(dim=0).values, ends.max(dim=0).values
+        finite = low.isfinite() & high.isfinite()
+        low, high = torch.where(finite, low, 0.0), torch.where(finite, high, 0.0)  # NaN ranges: never looked up
+        base = torch.bucketize(low, midpoints, out_int32=True)
+        if (torch.bucketize(high, midpoints, out_int32=True) - base).max() > 1:
+            raise ValueError("CodeSearch: two midpoints of this map fall in one 1/128-octave range")
+        self.base = base  # (65536,) int32
+        self.midpoints = torch.cat([midpoints, midpoints.new_tensor([float("inf")])])  # (256,): base 255 never steps up
+
+    def to(self, device: torch.device) -> "CodeSearch":
+        self.base, self.midpoints = self.base.to(device), self.midpoints.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(n,) fp32 -> (n,) int32 indices of the nearest map entries (ties as torch.bucketize: the lower one)."""
+        base = self.base.index_select(0, (x.view(torch.int32) >> 16).add_(2**15))
+        return base.add_(x > self.midpoints.index_select(0, base))
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       search: CodeSearch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (any shape, n values) -> (codes (n,) uint8, absmax (ceil(n / 256),) fp32): the nearest code of x / absmax,
+    every block at once. `out` = (codes, absmax) tensors to write into (the optimizer's state, in place);
+    `search` = the map's CodeSearch when the caller keeps one (building it takes a few ms)."""
     flat = x.reshape(-1).float()
     n = flat.numel()
     blocks = -(-n // BLOCK)
-    padded = torch.zeros(blocks * BLOCK, device=x.device)
-    padded[:n] = flat
-    padded = padded.view(blocks, BLOCK)  # (blocks, 256)
-    absmax = padded.abs().amax(dim=1)
-    scaled = (padded / absmax.clamp(min=1e-38)[:, None]).clamp(-1, 1).view(-1)[:n]
-    midpoints = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(scaled, midpoints).to(torch.uint8), absmax
+    padded = torch.nn.functional.pad(flat, (0, blocks * BLOCK - n)).view(blocks, BLOCK)  # (blocks, 256)
+    absmax = padded.abs().amax(dim=1) if out is None else torch.amax(padded.abs(), dim=1, out=out[1])
+    scaled = (padded / absmax.clamp(min=1e-38)[:, None]).clamp_(-1, 1).view(-1)[:n].contiguous()
+    index = (search or CodeSearch(code.cpu()).to(x.device))(scaled)
+    if out is None:
+        return index.to(torch.uint8), absmax
+    out[0].copy_(index)
+    return out
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """(n,) uint8 codes + (blocks,) absmax -> (n,) fp32."""
+    """(n,) uint8 codes + (blocks,) absmax -> (n,) fp32, every block at once (one gather, one broadcast multiply)."""
     n = codes.numel()
-    values = code[codes.long()]
-    return (values * absmax.repeat_interleave(BLOCK)[:n]) if n % BLOCK else (values.view(-1, BLOCK) * absmax[:, None]).view(-1)
+    values = code.index_select(0, codes.int())
+    if n % BLOCK == 0:
+        return (values.view(-1, BLOCK) * absmax[:, None]).view(-1)
+    padded = torch.nn.functional.pad(values, (0, absmax.numel() * BLOCK - n)).view(-1, BLOCK)
+    return (padded * absmax[:, None]).view(-1)[:n]
 
 
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose moments are stored block-wise in 8 bits; see the module docstring."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, min_8bit_size: int = 4096):
+                 weight_decay: float = 0.0, min_8bit_size: int = 4096, chunk_size: int = 65536,
+                 threads: int | None = 1):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        self.min_8bit_size = min_8bit_size
-        self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        if chunk_size <= 0 or chunk_size % BLOCK:
+            raise TrainingError(f"AdamW8bit: chunk_size must be a positive multiple of {BLOCK}, got {chunk_size}")
+        self.min_8bit_size, self.chunk_size = min_8bit_size, chunk_size
+        # intra-op threads during the update (None: leave torch's setting). A chunk's ops take tens of microseconds,
+        # too little to split: on a loaded 2-core machine two threads made the step 4-9x slower than one (each op
+        # waits for a descheduled sibling thread), and one thread was faster than bitsandbytes' CPU kernel.
+        self.threads = threads
+        self._maps: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _codes(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _codes(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(signed map, unsigned map, their CodeSearch tables): made once per device, not per chunk."""
         if device not in self._maps:
-            self._maps[device] = dynamic_map(True).to(device), dynamic_map(False).to(device)
+            signed, unsigned = dynamic_map(True), dynamic_map(False)
+            self._maps[device] = (signed.to(device), unsigned.to(device), CodeSearch(signed).to(device),
+                                  CodeSearch(unsigned).to(device))
         return self._maps[device]
 
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -106,36 +158,61 @@ class AdamW8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = closure() if closure is not None else None
+        threads = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            self._step()
+        finally:
+            torch.set_num_threads(threads)
+        return loss
+
+    def _step(self) -> None:
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p] if self.state[p] else self._init_state(p)
                 state["step"] += 1
                 step = int(state["step"].item())
-                grad = p.grad.float().reshape(-1)
-                quantized = state["exp_avg"].dtype == torch.uint8
-                if quantized:
-                    signed, unsigned = self._codes(p.device)
-                    m = dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], signed)
-                    v = dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], unsigned)
+                if state["exp_avg"].dtype == torch.uint8:
+                    self._update_8bit(p, state, group, step)
                 else:
-                    m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # bitsandbytes' order of operations
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
-                flat = p.view(-1) if p.dtype == torch.float32 else p.float().view(-1)
-                if weight_decay > 0.0:
-                    flat.mul_(1.0 - lr * weight_decay)
-                flat.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
-                if flat.data_ptr() != p.data_ptr():
-                    p.copy_(flat.view_as(p))
-                if quantized:
-                    state["exp_avg"], state["exp_avg_absmax"] = quantize_blockwise(m, signed)
-                    state["exp_avg_sq"], state["exp_avg_sq_absmax"] = quantize_blockwise(v, unsigned)
-        return loss
+                    _adamw_update(p.view(-1), p.grad.reshape(-1), state["exp_avg"].view(-1),
+                                  state["exp_avg_sq"].view(-1), group, step)
+
+    def _update_8bit(self, p: torch.Tensor, state: dict, group: dict, step: int) -> None:
+        """AdamW on 8-bit moments, `chunk_size` values at a time: each chunk's moments are dequantized into fp32
+        buffers of that size, updated with the parameter's slice and requantized in place, so the fp32
+        temporaries stay a few hundred KB (cache-resident) whatever the tensor's size."""
+        signed, unsigned, signed_mid, unsigned_mid = self._codes(p.device)
+        n = p.numel()
+        flat = p.view(-1) if p.dtype == torch.float32 and p.is_contiguous() else p.detach().float().reshape(-1)
+        grad = p.grad.reshape(-1)
+        for start in range(0, n, self.chunk_size):
+            end = min(start + self.chunk_size, n)
+            blocks = slice(start // BLOCK, -(-end // BLOCK))
+            m_codes, v_codes = state["exp_avg"][start:end], state["exp_avg_sq"][start:end]
+            m = dequantize_blockwise(m_codes, state["exp_avg_absmax"][blocks], signed)
+            v = dequantize_blockwise(v_codes, state["exp_avg_sq_absmax"][blocks], unsigned)
+            _adamw_update(flat[start:end], grad[start:end].float(), m, v, group, step)
+            quantize_blockwise(m, signed, (m_codes, state["exp_avg_absmax"][blocks]), signed_mid)
+            quantize_blockwise(v, unsigned, (v_codes, state["exp_avg_sq_absmax"][blocks]), unsigned_mid)
+        if flat.data_ptr() != p.data_ptr():
+            p.copy_(flat.view_as(p))
+
+
+def _adamw_update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, group: dict,
+                  step: int) -> None:
+    """One AdamW step on flat fp32 views, in place (bitsandbytes' order of operations)."""
+    beta1, beta2 = group["betas"]
+    lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
+    if weight_decay > 0.0:
+        p.mul_(1.0 - lr * weight_decay)
+    p.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -153,4 +230,4 @@ def build_adamw8bit(model: nn.Module, cfg: OptimConfig,
     return AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-__all__ = ["AdamW8bit", "build_adamw8bit", "dequantize_blockwise", "dynamic_map", "quantize_blockwise", "state_bytes"]
+__all__ = ["AdamW8bit", "CodeSearch", "build_adamw8bit", "dequantize_blockwise", "dynamic_map", "quantize_blockwise", "state_bytes"]

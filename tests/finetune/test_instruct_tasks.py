@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lmstack.data.instruct_tasks import KINDS, exact_match, generate_tasks
+from lmstack.data.instruct_tasks import KINDS, exact_match, generate_tasks, pretraining_lines
 from lmstack.data.sft import SFTDataConfig
 from lmstack.errors import ConfigError
 from lmstack.train.recipes.finetune import load_records
@@ -44,3 +44,22 @@ def test_running_out_of_problems_is_an_error():
         generate_tasks(4 * 901, 0)
     with pytest.raises(ConfigError, match="data.max_samples=4000"):
         load_records(SFTDataConfig(train="builtin:instruct-tasks", max_samples=4000))
+
+
+def test_pretraining_lines_hold_prompts_and_drills_never_answers():
+    lines = pretraining_lines(400, 0)
+    assert lines == pretraining_lines(400, 0) and lines != pretraining_lines(400, 1)
+    for i, line in enumerate(lines):
+        if i % 4 == 0:
+            solve(line)  # a whole prompt, nothing after it: solve() full-matches and would reject an appended answer
+        elif i % 4 == 1:
+            m = re.fullmatch(r"'([a-z]{3,6})', I said again: '([a-z]{3,6})'\.", line)
+            assert m and m[1] == m[2]
+        elif i % 4 == 2:
+            m = re.fullmatch(r"The numbers were ([\d ]+); again, ([\d ]+)\.", line)
+            assert m and m[1] == m[2]
+        else:
+            numbers = [int(k) for k in re.fullmatch(r"Counting: ([\d ]+)\.", line)[1].split()]
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    assert {("plus" in ln, "Sort" in ln, "reverse" in ln, "capital" in ln) for ln in lines[::4]} == {
+        (True, False, False, False), (False, True, False, False), (False, False, True, False), (False, False, False, True)}
