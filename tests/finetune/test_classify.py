@@ -157,3 +157,13 @@ def test_cli_dispatches_on_task(bert_base, tmp_path, capsys):
     with pytest.raises(ConfigError, match="decoder|encoder"):  # a decoder base is refused by name
         from lmstack.train.recipes.classify import classifier_model
         classifier_model("llama-tiny", 2, None)
+
+
+def test_shipped_classification_configs_load():
+    from lmstack.schema import load_config
+
+    paths = sorted((Path(__file__).resolve().parents[2] / "configs").glob("classify-*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = load_config(ClassifyConfig, path)
+        assert cfg.task == "classification" and cfg.data.train

@@ -84,6 +84,8 @@ class ClassifyConfig:
 def classifier_model(source: str, num_labels: int, labels: list[str] | None) -> Encoder:
     """The base encoder with a classifier head of num_labels outputs: the trunk (and pooler) from the base, the
     classifier kept only when the base already has one of that size, otherwise freshly initialised."""
+    if not source:
+        raise ConfigError("model is required: a BERT-family directory (e.g. --model=PATH_TO_MINILM) or an encoder preset")
     base = load_model(source) if Path(source).is_dir() else None
     if base is None:
         config = architecture_preset(source)
