@@ -122,10 +122,9 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(bert_base, tmp_path):
         theirs = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            token_type_ids=batch["token_type_ids"]).logits
     assert (ours - theirs).abs().max() <= 1e-5
-    with torch.no_grad():  # and the adapter matters: without it the logits differ
-        with reference.disable_adapter():
-            plain = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              token_type_ids=batch["token_type_ids"]).logits
+    with torch.no_grad(), reference.disable_adapter():  # and the adapter matters: without it the logits differ
+        plain = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch["token_type_ids"]).logits
     assert (plain - theirs).abs().max() > 1e-3
 
 
@@ -167,3 +166,34 @@ def test_shipped_classification_configs_load():
     for path in paths:
         cfg = load_config(ClassifyConfig, path)
         assert cfg.task == "classification" and cfg.data.train
+
+
+def test_lora_from_an_lmstack_masked_lm_run_trains_and_saves_the_new_pooler(bert_base, tmp_path):
+    """A base without a pooler (an `lmstack pretrain --objective=mlm` checkpoint: BertForMaskedLM): the pooler is new,
+    so LoRA trains it in full and the adapter carries it; peft on transformers' model of that base agrees."""
+    import peft
+    import transformers
+
+    import lmstack
+    from lmstack.model.encoder import Encoder
+    from lmstack.tokenizer import Tokenizer
+
+    trunk = lmstack.load_model(bert_base)
+    masked = Encoder(trunk.config.replace(heads=["mlm"], pooler=False))
+    masked.load_state_dict({k: v for k, v in trunk.state_dict().items() if not k.startswith("bert.pooler.")},
+                           strict=False)
+    base = tmp_path / "mlm-run"
+    lmstack.save_model(masked, base, extra_files=Tokenizer.load(bert_base).files())
+    data = _jsonl(tmp_path / "train.jsonl", _records(32, 4))
+    engine = build_engine(_config(base, tmp_path / "run", data, "lora", steps=3))
+    result = engine.fit()
+    adapter = json.loads((Path(result.checkpoint) / "adapter_config.json").read_text())
+    assert sorted(adapter["modules_to_save"]) == ["bert.pooler.dense", "classifier"]
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+    reference = peft.PeftModel.from_pretrained(hf_base, result.checkpoint).eval()
+    batch, model = engine.val_batches[0], engine.model.eval()
+    with torch.no_grad():
+        ours = model.classify(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        theirs = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"]).logits
+    assert (ours - theirs).abs().max() <= 1e-5

@@ -39,7 +39,7 @@ from lmstack.data.classify import (
     validation_batches,
 )
 from lmstack.device import resolve_device, resolve_precision
-from lmstack.errors import ConfigError
+from lmstack.errors import ConfigError, DataError
 from lmstack.interop.hf import load_model
 from lmstack.model.configs import EncoderConfig, architecture_preset
 from lmstack.model.encoder import Encoder
@@ -120,6 +120,8 @@ def load_splits(cfg: ClassifyDataConfig) -> tuple[list, list]:
     if not cfg.train:
         raise ConfigError("data.train is required: JSONL files of {\"text\": ..., \"label\": ...}")
     train = read_labelled(cfg.train, cfg, cfg.max_samples)
+    if not train:
+        raise DataError(f"data.train {cfg.train}: no records")
     if cfg.val:
         return train, read_labelled(cfg.val, cfg)
     if cfg.val_fraction > 0:
