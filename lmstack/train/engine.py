@@ -307,8 +307,9 @@ class Engine:
                 if self.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                     val_loss = val_now = self.evaluate()
                     if log:
-                        log.log({"kind": "eval", "step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
-                                 **{f"val_{name}": value for name, value in self.val_metrics.items()}})
+                        log.log({"kind": "eval", "step": done,  # the objective's metrics never replace val_loss
+                                 **{f"val_{name}": value for name, value in self.val_metrics.items()},
+                                 "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
                     if main:
                         tqdm.write(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}"
                                    + "".join(f", {name} {value:.4f}" for name, value in self.val_metrics.items()))
