@@ -76,7 +76,18 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=0, help="characters read in all (0 = every book whole)")
     parser.add_argument("--head-tokens", type=int, default=4096, help="hidden states in the head-only timing")
     parser.add_argument("--head-repeats", type=int, default=10)
+    parser.add_argument("--head-vocabs", default="",
+                        help="also time the head alone at these vocabulary sizes (comma-separated), targets drawn from "
+                             "a Zipf(1) law and cutoffs at the same fractions of the vocabulary: where it starts to pay")
+    parser.add_argument("--head-only", action="store_true", help="skip the training comparison")
     args = parser.parse_args()
+    if args.head_vocabs:
+        for V in (int(v) for v in args.head_vocabs.split(",")):
+            counts = 1.0 / np.arange(1, V + 1)  # Zipf: frequency ~ 1 / rank
+            scaled = [max(1, round(c * V / args.vocab)) for c in (int(c) for c in args.cutoffs.split(","))]
+            head_only(V, args.width, scaled, counts, args.head_tokens, args.head_repeats)
+    if args.head_only:
+        return
     cutoffs = [int(c) for c in args.cutoffs.split(",")]
     started = time.perf_counter()
     train, val, counts = corpus(args.books, args.vocab, args.max_chars)
@@ -136,7 +147,7 @@ def head_only(V: int, d: int, cutoffs: list[int], counts: np.ndarray, N: int = 4
     hidden = torch.randn(N, d, requires_grad=True)
     targets = torch.from_numpy(np.random.default_rng(1).choice(V, size=N, p=counts / counts.sum()))
     weight = torch.nn.Parameter(torch.randn(V, d) * 0.02)
-    ours = AdaptiveSoftmaxHead(d, V, cutoffs)
+    ours = AdaptiveSoftmaxHead(d, V, cutoffs, div_value=4.0)
     theirs = torch.nn.AdaptiveLogSoftmaxWithLoss(d, V, cutoffs, div_value=4.0)
     theirs.load_state_dict(ours.state_dict())
     cases = {
@@ -148,6 +159,7 @@ def head_only(V: int, d: int, cutoffs: list[int], counts: np.ndarray, N: int = 4
     seconds = {name: best_seconds(fn, repeats=repeats, warmup=2) for name, fn in cases.items()}
     for name, s in seconds.items():
         print(json.dumps({"bench": "adaptive_softmax_head", "case": name, "tokens": N, "vocab": V, "width": d,
+                          "cutoffs": cutoffs,
                           "ms": round(s * 1e3, 2), "peer": "full_fused",
                           "peer_ms": round(seconds["full_fused"] * 1e3, 2),
                           "speedup_vs_peer": round(seconds["full_fused"] / s, 2), **machine()}))

@@ -1,8 +1,9 @@
 """Perplexity beyond the trained context with each RoPE scaling, on a small model trained here (issue 17).
 
-A Llama-style model (plain RoPE, theta 10000) is pretrained at context L (default 128) on the Gutenberg
-books in ../shared/data (byte-level BPE, 4096 tokens), then evaluated without any fine-tuning on
-held-out windows of L, 2L and 4L tokens, with the frequencies each `rope_scaling` kind gives for the
+A Llama-style model (plain RoPE, theta 10000) is pretrained at context L on ../shared/data: by default
+tinyshakespeare at character level (`--corpus shakespeare-char`, context 64, the last 10% held out, as
+nanoGPT's split), or the Gutenberg books with byte-level BPE (`--corpus gutenberg-bpe`, 4096 tokens). It is
+then evaluated without any fine-tuning on held-out windows of L, 2L and 4L tokens, with the frequencies each `rope_scaling` kind gives for the
 factor s = window / L: none (extrapolation), linear (position interpolation), ntk (static NTK-aware),
 dynamic (NTK growing with the length), yarn, llama3, and longrope. LongRoPE's factors come from an
 evolutionary search in its paper; here (no search) the long factors are YaRN's per-frequency
@@ -10,7 +11,9 @@ interpolation ratios and the short ones 1, so the row shows LongRoPE's switch an
 YaRN-like frequencies.
 
 Prints one JSON line per (method, window): perplexity over every position of the windows and over the
-positions past L alone, with plain RoPE at the trained length (the peer) in the same line.
+positions past L alone, with plain RoPE at the trained length (the peer) in the same line, and the
+unigram perplexity of the held-out text (what a model that ignores context scores) to show how much
+the model has learned.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from lmstack.model.rope import rope_inv_freq  # noqa: E402
 from lmstack.tokenizer import train_tokenizer  # noqa: E402
 from lmstack.train.objectives import causal_lm_loss  # noqa: E402
 
-DEFAULT_BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg_nltk"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 
 
@@ -55,34 +58,50 @@ def scaling(method: str, factor: float, trained: int, model_config) -> RopeScali
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--books", type=Path, default=DEFAULT_BOOKS)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--corpus", choices=("shakespeare-char", "gutenberg-bpe"), default="shakespeare-char")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens per window length")
     parser.add_argument("--max-chars", type=int, default=0,
                         help="read at most this many characters in all (the start of each book; 0 = everything)")
     args = parser.parse_args()
     started = time.perf_counter()
-    paths = sorted(args.books.glob("*.txt"))
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
-    if args.max_chars:  # a shorter run on a busy machine: the tokenizer and the held-out split shrink with it
-        texts = [t[:args.max_chars // len(paths)] for t in texts]
-    tok = train_tokenizer(iter(texts), "bpe", vocab_size=4096)
-    ids = np.concatenate([np.array(tok.encode(t) + [tok.eos_token_id]) for t in texts])
-    split = int(len(ids) * 0.95)
+    if args.corpus == "shakespeare-char":
+        text = (args.data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+        texts = [text[:args.max_chars] if args.max_chars else text]
+        tok = train_tokenizer(iter(texts), "char", vocab_size=None)
+        ids = np.array(tok.encode(texts[0]))
+        split = int(len(ids) * 0.9)
+    else:
+        paths = sorted((args.data / "gutenberg_nltk").glob("*.txt"))
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+        if args.max_chars:  # a shorter run on a busy machine: the tokenizer and the held-out split shrink with it
+            texts = [t[:args.max_chars // len(paths)] for t in texts]
+        tok = train_tokenizer(iter(texts), "bpe", vocab_size=4096)
+        ids = np.concatenate([np.array(tok.encode(t) + [tok.eos_token_id]) for t in texts])
+        split = int(len(ids) * 0.95)
     train, val = torch.from_numpy(ids[:split]), torch.from_numpy(ids[split:])
+    # the unigram model fitted on the training split, scored on the held-out split (add-one smoothing)
+    counts = np.bincount(ids[:split], minlength=tok.vocab_size) + 1.0
+    unigram = math.exp(-np.log(counts / counts.sum())[ids[split:]].mean())
     L = args.context
 
     torch.manual_seed(0)
-    config = preset("llama-tiny", vocab_size=tok.vocab_size, hidden_size=256, num_layers=4, num_heads=4,
-                    num_kv_heads=4, intermediate_size=688, max_seq_len=L, rope_theta=10000.0)
+    config = preset("llama-tiny", vocab_size=tok.vocab_size, hidden_size=args.hidden, num_layers=args.layers,
+                    num_heads=args.heads, num_kv_heads=args.heads, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
+                    max_seq_len=L, rope_theta=10000.0)
     model = Transformer(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(0)
     for step in range(args.steps):
         for group in optimizer.param_groups:  # warmup, then cosine to 10%
-            group["lr"] = 2e-3 * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * step / args.steps))
+            group["lr"] = args.lr * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * step / args.steps))
         starts = rng.integers(0, len(train) - L - 1, args.batch)
         rows = torch.stack([train[s:s + L + 1] for s in starts])
         loss = causal_lm_loss(model, rows[:, :-1], rows[:, 1:])
@@ -90,7 +109,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 100 == 0:
             print(f"step {step + 1}: loss {(loss.total / loss.count).item():.3f}", file=sys.stderr, flush=True)
     train_s = time.perf_counter() - started
     state = model.state_dict()
@@ -117,7 +136,9 @@ def main() -> None:
                               "factor": window / L, "perplexity": round(ppl, 2),
                               "perplexity_past_trained": None if tail is None else round(tail, 2),
                               "peer": "plain RoPE at the trained context", "peer_perplexity": round(peer, 2),
-                              "ratio": round(ppl / peer, 3), "train_steps": args.steps,
+                              "ratio": round(ppl / peer, 3), "unigram_perplexity": round(unigram, 2),
+                              "corpus": args.corpus, "vocab": tok.vocab_size,
+                              "model": f"{args.layers}x{args.hidden}", "train_steps": args.steps,
                               "train_tokens": args.steps * args.batch * L, "train_s": round(train_s, 1),
                               "batch": args.batch, "chars_read": sum(len(t) for t in texts),
                               **machine()}))

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 SKIP = ("pip install", "python -m pytest", "python3 -m venv")
-SLOW = ("builtin:python-docs", "lmstack quickstart", "torchrun", "runs/quickstart", "runs/gutenberg")
+SLOW = ("builtin:python-docs", "lmstack quickstart", "torchrun", "runs/quickstart", "runs/gutenberg", "data/pydocs-wp")
 SMALL = {  # command prefix -> options appended in the default (fast) run
     "lmstack pretrain": ["--train.steps=4", "--train.eval_every=2", "--train.eval_windows=4",
                          "--train.progress=false", "--train.peak_flops=1e12"],

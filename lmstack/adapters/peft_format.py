@@ -121,9 +121,11 @@ def adapter_tensors(model: nn.Module, state: dict[str, torch.Tensor] | None = No
                 tensors[f"{PREFIX}{hf}.{_TOKENS_LEAF}"] = values[key]
     rank_pattern = {hf: r for hf, (r, _) in ranks.items() if r != r0}
     alpha_pattern = {hf: a for hf, (_, a) in ranks.items() if a != alpha0}
-    tied = config.tie_word_embeddings
+    tied = getattr(config, "tie_word_embeddings", False)  # an Encoder's config has no such field
+    # an encoder with a classifier head is peft's sequence classification (PeftModelForSequenceClassification)
+    task = "SEQ_CLS" if "classifier" in getattr(config, "heads", ()) else "CAUSAL_LM"
     fields = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": r0,
+        "peft_type": "LORA", "task_type": task, "base_model_name_or_path": None, "r": r0,
         "lora_alpha": alpha0, "lora_dropout": _dropout(first), "target_modules": sorted(groups),
         "use_rslora": use_rslora, "use_dora": use_dora, "fan_in_fan_out": fused_conv1d(config), "bias": "none",
         "modules_to_save": modules_to_save or None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,

@@ -50,6 +50,9 @@ def config_from_hf(hf: dict[str, Any], names: set[str], source: str) -> EncoderC
     heads = [head for head, prefix in (("mlm", "cls.predictions."), ("nsp", "cls.seq_relationship."),
                                        ("classifier", "classifier.")) if any(n.startswith(prefix) for n in names)]
     labels = hf.get("id2label")
+    label_names = [labels[k] for k in sorted(labels, key=int)] if isinstance(labels, dict) and labels else None
+    if label_names is not None and all(n == f"LABEL_{i}" for i, n in enumerate(label_names)):
+        label_names = None  # transformers' default names: no names
     try:
         return EncoderConfig(
             vocab_size=hf["vocab_size"], hidden_size=hf.get("hidden_size", 768),
@@ -60,7 +63,9 @@ def config_from_hf(hf: dict[str, Any], names: set[str], source: str) -> EncoderC
             attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
             init_std=float(hf.get("initializer_range", 0.02)), pooler=any(n.startswith("bert.pooler.") for n in names),
             heads=heads, num_labels=int(hf.get("num_labels") or (len(labels) if labels else 2)),
-            classifier_dropout=hf.get("classifier_dropout"), pad_token_id=hf.get("pad_token_id", 0))
+            classifier_dropout=hf.get("classifier_dropout"), pad_token_id=hf.get("pad_token_id", 0),
+            labels=label_names if "classifier" in heads and label_names
+            and len(label_names) == int(hf.get("num_labels") or len(label_names)) else None)
     except KeyError as e:
         raise ConfigError(f"{source}: required key {e.args[0]!r} is missing") from None
     except ConfigError as e:
@@ -90,8 +95,9 @@ def config_to_hf(config: EncoderConfig, dtype: str = "float32") -> dict[str, Any
                pad_token_id=config.pad_token_id, position_embedding_type="absolute",
                classifier_dropout=config.classifier_dropout, torch_dtype=dtype, tie_word_embeddings=True)
     if "classifier" in heads:
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+        names = config.labels or [f"LABEL_{i}" for i in range(config.num_labels)]
+        out["id2label"] = {str(i): name for i, name in enumerate(names)}
+        out["label2id"] = {name: i for i, name in enumerate(names)}
     return out
 
 

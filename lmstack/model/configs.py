@@ -47,6 +47,7 @@ class EncoderConfig:
     pooler: bool = True
     heads: list[EncoderHead] = field(default_factory=list)
     num_labels: int = 2  # the classifier's outputs
+    labels: list[str] | None = None  # the classifier's label names in id order (config.json's id2label)
     classifier_dropout: float | None = None  # None = dropout
     pad_token_id: int | None = 0
     pooling: SentencePooling | None = None  # sentence embeddings (lmstack.embed); None = mean, normalised
@@ -63,6 +64,8 @@ class EncoderConfig:
             raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if "nsp" in self.heads and not self.pooler:
             raise ConfigError("heads: nsp reads the pooler's output; set pooler true")
+        if self.labels is not None and len(self.labels) != self.num_labels:
+            raise ConfigError(f"labels {self.labels} name {len(self.labels)} labels but num_labels is {self.num_labels}")
         if len(set(self.heads)) != len(self.heads):
             raise ConfigError(f"heads {self.heads} lists a head twice")
 

@@ -121,6 +121,7 @@ class Engine:
             keep_freed_cpu_memory()
         self.start_step, self.best_val_loss, self.nonfinite_streak = 0, math.inf, 0
         self.step_metrics: dict[str, float] = {}
+        self.val_metrics: dict[str, float] = {}
         if trainable is not None:
             for name, param in model.named_parameters():
                 param.requires_grad_(bool(trainable(name, param)))
@@ -219,7 +220,8 @@ class Engine:
             with autocast(self.device, self.autocast_dtype):
                 sums.add(self.objective(self.model, to_device(batch, self.device)))
         self.model.train()
-        total, count, _ = sums.reduce(self.dist)
+        total, count, metrics = sums.reduce(self.dist)
+        self.val_metrics = metrics  # the objective's metrics over the validation set (e.g. accuracy), logged as val_*
         return total / max(count, 1.0)
 
     def _utilisation(self, tokens_per_s: float, step: int) -> float | None:
@@ -305,9 +307,12 @@ class Engine:
                 if self.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                     val_loss = val_now = self.evaluate()
                     if log:
-                        log.log({"kind": "eval", "step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
+                        log.log({"kind": "eval", "step": done,  # the objective's metrics never replace val_loss
+                                 **{f"val_{name}": value for name, value in self.val_metrics.items()},
+                                 "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
                     if main:
-                        tqdm.write(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}")
+                        tqdm.write(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}"
+                                   + "".join(f", {name} {value:.4f}" for name, value in self.val_metrics.items()))
                 if self.out_dir is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                                                  or done == cfg.steps):
                     saved = self.save(done, val_now)

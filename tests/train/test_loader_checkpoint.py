@@ -114,10 +114,16 @@ def test_prune_keeps_last_k_and_best(tmp_path: Path):
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")
-                                        if not p.name.startswith(("finetune-", "align-", "distill-"))))
+                                        if not p.name.startswith(("finetune-", "align-", "distill-", "classify-"))))
 def test_recipes_load(name: str):  # pretraining configs; finetune-*, align-*, distill-*.yaml: their own tests
     cfg = load_config(PretrainConfig, CONFIGS / name)
-    model = build_model_config(cfg.model, vocab_size=66, eos_token_id=65)
+    if cfg.objective == "clm":
+        model = build_model_config(cfg.model, vocab_size=66, eos_token_id=65)
+    else:  # an encoder / encoder-decoder: the model section holds EncoderConfig / Seq2SeqConfig fields
+        from lmstack.model.configs import ENCODER_PRESETS, SEQ2SEQ_PRESETS, EncoderConfig, Seq2SeqConfig
+        from lmstack.train.recipes.denoising import _config
+        cls, presets = (Seq2SeqConfig, SEQ2SEQ_PRESETS) if cfg.objective == "span" else (EncoderConfig, ENCODER_PRESETS)
+        model = _config(cfg.model, cls, presets, {"vocab_size": 66})
     assert cfg.train.seq_len <= model.max_seq_len and cfg.data.path
 
 
