@@ -50,7 +50,7 @@ def run(work: Path, teacher: Path, data: Path, name: str, alpha: float, temperat
     shared_cache = work / "distill" / f"teacher_topk-k{args.top_k}-w{args.steps * 8}.safetensors"
     if out.exists():
         shutil.rmtree(out)
-    reused = alpha > 0 and shared_cache.is_file()
+    reused = alpha > 0 and args.top_k > 0 and shared_cache.is_file()  # top_k 0: the live teacher, no cache
     if reused:
         out.mkdir(parents=True)
         shutil.copyfile(shared_cache, out / "teacher_topk.safetensors")
@@ -59,7 +59,7 @@ def run(work: Path, teacher: Path, data: Path, name: str, alpha: float, temperat
     setup = time.perf_counter() - started  # the teacher's top-k pass over every window (distilled run only)
     result = engine.fit()
     minutes = (time.perf_counter() - started) / 60
-    if alpha > 0 and not reused:
+    if alpha > 0 and args.top_k > 0 and not reused:
         shutil.copyfile(out / "teacher_topk.safetensors", shared_cache)
     return {"benchmark": "distill", "run": name, "alpha": alpha, "temperature": temperature,
             "top_k": args.top_k if alpha > 0 else None, "steps": args.steps,
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--settings", nargs="+", default=None, metavar="ALPHA:T",
                         help="distilled runs to make (default: the one --alpha:--temperature)")
-    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=16, help="0: the live teacher on every batch, full vocabulary")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -97,7 +97,7 @@ def main() -> None:
         kept.write_text(json.dumps(scratch))
     print(json.dumps(scratch), flush=True)
     for alpha, temperature in settings:
-        distilled = run(args.work, teacher, data, f"distilled-a{alpha:g}-T{temperature:g}", alpha, temperature, args)
+        distilled = run(args.work, teacher, data, f"distilled-a{alpha:g}-T{temperature:g}" + ("" if args.top_k else "-full"), alpha, temperature, args)
         distilled.update({"lr": args.lr, "peer": "same student from scratch", "peer_val_ppl": scratch["val_ppl"],
                           "peer_minutes": scratch["minutes"],
                           "ppl_ratio": round(distilled["val_ppl"] / scratch["val_ppl"], 4),

@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--replay-fraction", type=float, default=0.25)
     parser.add_argument("--ewc-lambda", type=float, nargs="+", default=[1000.0])
     parser.add_argument("--l2sp-alpha", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--n-train", type=int, default=3200)  # builtin:instruct-tasks holds 900 distinct 'add' problems
     parser.add_argument("--n-eval", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "forgetting.jsonl")
