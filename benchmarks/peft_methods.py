@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--n-train", type=int, default=3200)  # the generator holds 900 distinct additions: 4 x 800 fits
     parser.add_argument("--n-eval", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
