@@ -259,6 +259,17 @@ def resume_point(out_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+def begin_run(train, out_dir: Path, resume: bool) -> Path | None:
+    """What every recipe does before it reads data or writes anything: take `train.threads`, refuse a precision
+    the device lacks (bf16 on a CPU without it) and decide where to resume from (`resume_point`)."""
+    from lmstack.device import resolve_device, resolve_precision
+
+    if train.threads is not None:
+        torch.set_num_threads(train.threads)
+    resolve_precision(train.precision, resolve_device(train.device))
+    return resume_point(out_dir, resume)
+
+
 def record_best(root: str | Path, checkpoint: Path, val_loss: float, step: int) -> None:
     write_text(Path(root) / BEST, json.dumps({"checkpoint": checkpoint.name, "val_loss": val_loss, "step": step}) + "\n")
 

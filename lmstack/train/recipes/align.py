@@ -43,7 +43,7 @@ from lmstack.align.tasks import arithmetic_problems, sorted_letters_pairs
 from lmstack.atomic import write_text
 from lmstack.data.preference import (ExampleBatches, PromptRecord, Renderer, collate_pairs, collate_unpaired,
                                      fixed_batches, read_pairs, read_prompts, read_unpaired, split_holdout)
-from lmstack.device import resolve_device, resolve_precision
+from lmstack.device import resolve_device
 from lmstack.errors import ConfigError
 from lmstack.interop.hf import load_model, read_config, save_model
 from lmstack.interop.hf_heads import (is_score_model_dir, load_score_model, read_score_state, save_score_model,
@@ -52,7 +52,7 @@ from lmstack.model.heads import ScoreModel, ValueHeadModel
 from lmstack.model.protocol import model_device
 from lmstack.schema import to_dict
 from lmstack.tokenizer import Tokenizer
-from lmstack.train.checkpoint import WholeModel, _load_or_explain, resume_point
+from lmstack.train.checkpoint import WholeModel, _load_or_explain, begin_run
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from lmstack.train.distributed import DistContext, full_model_state, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult, to_device
@@ -319,10 +319,7 @@ def build(cfg: AlignConfig, resume: bool = False, dist: DistContext | None = Non
     out_dir, t = Path(cfg.out_dir), cfg.train
     if not cfg.model:
         raise ConfigError("model is required: the directory of the model to start from (an SFT model)")
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
-    resolve_precision(t.precision, resolve_device(t.device))
-    resume_from = resume_point(out_dir, resume)
+    resume_from = begin_run(t, out_dir, resume)
     if cfg.method == "rloo":
         cfg.grpo.advantage = "rloo"
     if cfg.method == "rm" and cfg.adapter is not None:

@@ -38,14 +38,14 @@ from lmstack.data.classify import (
     read_labelled,
     validation_batches,
 )
-from lmstack.device import resolve_device, resolve_precision
+from lmstack.device import resolve_device
 from lmstack.errors import ConfigError, DataError
 from lmstack.interop.hf import load_model
 from lmstack.model.configs import EncoderConfig, architecture_preset
 from lmstack.model.encoder import Encoder
 from lmstack.schema import to_dict
 from lmstack.tokenizer import Tokenizer
-from lmstack.train.checkpoint import resume_point
+from lmstack.train.checkpoint import begin_run
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
@@ -144,10 +144,7 @@ def _special(tokenizer: Tokenizer, source: str) -> tuple[int, int, int]:
 def build_engine(cfg: ClassifyConfig, resume: bool = False, dist: DistContext | None = None) -> Engine:
     dist = dist or DistContext()
     out_dir, t = Path(cfg.out_dir), cfg.train
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
-    resolve_precision(t.precision, resolve_device(t.device))
-    resume_from = resume_point(out_dir, resume)
+    resume_from = begin_run(t, out_dir, resume)
     source = cfg.tokenizer or cfg.model
     if not source or not Path(source).is_dir():
         raise ConfigError(f"tokenizer: {source!r} is not a tokenizer directory; set `tokenizer:` (a model directory "

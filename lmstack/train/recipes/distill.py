@@ -29,12 +29,12 @@ from torch import nn
 
 from lmstack.atomic import atomic_file, write_text
 from lmstack.data.loader import TokenStream, validation_batches
-from lmstack.device import resolve_device, resolve_precision
+from lmstack.device import resolve_device
 from lmstack.errors import ConfigError
 from lmstack.interop.hf import load_model
 from lmstack.model.transformer import Transformer
 from lmstack.schema import to_dict
-from lmstack.train.checkpoint import WholeModel, resume_point
+from lmstack.train.checkpoint import WholeModel, begin_run
 from lmstack.train.config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
 from lmstack.train.engine import Engine, TrainResult
 from lmstack.train.objectives.distill import TopK, check_vocabularies, distill_objective
@@ -161,11 +161,8 @@ def student_sampler(settings: DistillSettings):
 # ------------------------------------------------------------------------------------------- the engine
 def build_engine(cfg: DistillConfig, resume: bool = False) -> Engine:
     out_dir, t, d = Path(cfg.out_dir), cfg.train, cfg.distill
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
+    resume_from = begin_run(t, out_dir, resume)
     device = resolve_device(t.device)
-    resolve_precision(t.precision, device)
-    resume_from = resume_point(out_dir, resume)
     if not cfg.data.path:
         raise ConfigError("data.path is required: token shards written by `lmstack data prepare`")
     data_dir = Path(cfg.data.path)

@@ -50,7 +50,7 @@ from lmstack.data import instruct_tasks
 from lmstack.data.loader import TokenStream
 from lmstack.data.replay import ReplayBatches
 from lmstack.data.sft import SFTBatches, SFTDataConfig, encode_records, read_records, validation_batches
-from lmstack.device import resolve_device, resolve_precision
+from lmstack.device import resolve_device
 from lmstack.errors import ConfigError
 from lmstack.interop.hf import load_model
 from lmstack.model.cost import model_cost
@@ -58,7 +58,7 @@ from lmstack.model.protocol import unwrap
 from lmstack.schema import to_dict
 from lmstack.tokenizer import Tokenizer
 from lmstack.tokenizer.chat_template import TEMPLATE_SPECIAL_TOKENS, resolve_template
-from lmstack.train.checkpoint import WholeModel, resume_point
+from lmstack.train.checkpoint import WholeModel, begin_run
 from lmstack.train.config import OptimConfig, QATConfig, ScheduleConfig, TrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
@@ -258,10 +258,7 @@ def forgetting_objective(cfg: FinetuneConfig, model: nn.Module, fisher: dict[str
 def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | None = None) -> Engine:
     dist = dist or DistContext()
     out_dir, t = Path(cfg.out_dir), cfg.train
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
-    resolve_precision(t.precision, resolve_device(t.device))
-    resume_from = resume_point(out_dir, resume)
+    resume_from = begin_run(t, out_dir, resume)
     tokenizer, added = prepare_tokenizer(cfg)
     fisher = ewc_fisher(cfg, t.seq_len, t.seed) if cfg.forgetting.ewc_lambda else None
     torch.manual_seed(t.seed)

@@ -18,12 +18,12 @@ from torch import nn
 from lmstack.atomic import make_output_dir, write_text
 from lmstack.config import PRESETS, ModelConfig
 from lmstack.data.loader import PretrainBatches, TokenStream, validation_batches
-from lmstack.device import resolve_device, resolve_precision
+from lmstack.device import resolve_device
 from lmstack.errors import ConfigError, DataError
 from lmstack.model.protocol import unwrap
 from lmstack.model.transformer import Transformer
 from lmstack.schema import from_dict, read_json, to_dict
-from lmstack.train.checkpoint import WholeModel, resume_point
+from lmstack.train.checkpoint import WholeModel, begin_run
 from lmstack.train.config import PretrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
@@ -102,10 +102,7 @@ def build_engine(cfg: PretrainConfig, resume: bool = False, dist: DistContext | 
     """The engine for `cfg` (under torchrun: this process's share); with `resume`, from OUT's latest checkpoint."""
     dist = dist or DistContext()
     out_dir, t = Path(cfg.out_dir), cfg.train
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
-    resolve_precision(t.precision, resolve_device(t.device))  # refuse bf16 on a CPU without it before any write
-    resume_from = resume_point(out_dir, resume)
+    resume_from = begin_run(t, out_dir, resume)
 
     objective_fn, flops_per_token = objective, None
     store: WholeModel = WholeModel(extra_files=_tokenizer_files(Path(cfg.data.path)))
