@@ -20,8 +20,8 @@ Prints one JSON line for the base (its copy probe) and one per method: accuracy 
 The 8,100 two-digit + two-digit pairs are split once (seeded shuffle): 1,620 held out, never seen anywhere; the
 base (a 0.6M-parameter character model, 3 layers, width 128) is pretrained on plain equations "a+b=c" of the
 usable pairs mixed with tinyshakespeare, and its greedy accuracy on held-out "a+b=" is reported; each method then
-fine-tunes on instruction-phrased usable pairs ("What is 47 plus 38?" -> "85", ChatML) and is scored by greedy
-exact match on 400 held-out pairs in the same phrasing.
+fine-tunes on instruction-phrased usable pairs ("What is 47 plus 38?" -> "85", ChatML; 600 steps) and is scored
+by greedy exact match on 400 held-out pairs in the same phrasing.
 
     python benchmarks/finetune_quality.py --suite arithmetic    # work dir runs/ft-arith; base cached there
 """
@@ -252,7 +252,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, help="a base model directory (default: pretrain one, cached)")
     parser.add_argument("--methods", nargs="+", default=["full", "lora", "dora", "qlora"])
     parser.add_argument("--pretrain-steps", type=int, help="default: 400 (tasks), 2400 (arithmetic)")
-    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--sft-steps", type=int, help="default: 150 (tasks), 600 (arithmetic: 150 reached 16%%)")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-eval", type=int, default=400)
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per packed row")
@@ -264,6 +264,7 @@ def main() -> None:
     args = parser.parse_args()
     arithmetic = args.suite == "arithmetic"
     args.work = args.work or ROOT / "runs" / ("ft-arith" if arithmetic else "ft-quality")
+    args.sft_steps = args.sft_steps or (600 if arithmetic else 150)
     if args.worker:
         finetune_worker(args.worker[0], args.worker[1], str(args.work), args.sft_steps, args.n_train, args.n_eval,
                         args.seq_len, args.batch_size, args.lr, args.threads, args.suite)
