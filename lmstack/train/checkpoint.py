@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -268,6 +269,19 @@ def begin_run(train, out_dir: Path, resume: bool) -> Path | None:
         torch.set_num_threads(train.threads)
     resolve_precision(train.precision, resolve_device(train.device))
     return resume_point(out_dir, resume)
+
+
+def write_run_record(out_dir: Path, tokenizer, run_config: dict, report: dict, main: bool = True) -> dict[str, Path]:
+    """What a fine-tuning run keeps beside its checkpoints: the tokenizer, config.yaml and data_report.json (only the
+    main process writes them). Returns the tokenizer's files by name, for the checkpoint store to copy into each
+    checkpoint."""
+    tokenizer_dir = out_dir / "tokenizer"
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tokenizer_dir)
+        write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+        write_text(out_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
+    return {p.name: p for p in sorted(tokenizer_dir.iterdir())} if tokenizer_dir.is_dir() else {}
 
 
 def record_best(root: str | Path, checkpoint: Path, val_loss: float, step: int) -> None:

@@ -16,7 +16,6 @@ metrics.jsonl, checkpoints/step-N/ (with the tokenizer), as the instruction-tuni
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -25,11 +24,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from lmstack.adapters import AdapterStore, LoraConfig, apply_lora
-from lmstack.atomic import write_text
 from lmstack.data.classify import (
     ClassifyBatches,
     ClassifyDataConfig,
@@ -45,7 +42,7 @@ from lmstack.model.configs import EncoderConfig, architecture_preset
 from lmstack.model.encoder import Encoder
 from lmstack.schema import to_dict
 from lmstack.tokenizer import Tokenizer
-from lmstack.train.checkpoint import begin_run
+from lmstack.train.checkpoint import begin_run, write_run_record
 from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
@@ -183,17 +180,12 @@ def build_engine(cfg: ClassifyConfig, resume: bool = False, dist: DistContext | 
               "trainable_parameters": trainable, "total_parameters": total, "steps": t.steps,
               "epochs": round(t.steps / batches.steps_per_epoch(), 3)}
     run_config = to_dict(cfg)
-    tokenizer_dir = out_dir / "tokenizer"
+    files = write_run_record(out_dir, tokenizer, run_config, report, main=dist.is_main)
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tokenizer_dir)
-        write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
-        write_text(out_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
         print(f"lmstack finetune: classification ({num_labels} labels), {cfg.method}, {trainable:,} of {total:,} "
               f"parameters train; {len(examples)} train / {len(val_examples)} validation examples ({truncated} "
               f"truncated); {t.steps} steps ({report['epochs']} epochs)"
               + (f", resuming from {resume_from}" if resume_from else ""), file=sys.stderr)
-    files = {p.name: p for p in sorted(tokenizer_dir.iterdir())} if tokenizer_dir.is_dir() else {}
     store = WholeOtherModel(extra_files=files) if cfg.method == "full" else \
         AdapterStore(base_model_name_or_path=str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
                      extra_files=files)

@@ -17,7 +17,6 @@ base lacked), metrics.jsonl, loss.png and checkpoints/step-N/ (each loadable as 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -26,7 +25,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from lmstack.adapters import (
@@ -45,7 +43,6 @@ from lmstack.adapters import (
     apply_prompt_tuning,
     resize_vocab,
 )
-from lmstack.atomic import write_text
 from lmstack.data import instruct_tasks
 from lmstack.data.loader import TokenStream
 from lmstack.data.replay import ReplayBatches
@@ -58,7 +55,7 @@ from lmstack.model.protocol import unwrap
 from lmstack.schema import to_dict
 from lmstack.tokenizer import Tokenizer
 from lmstack.tokenizer.chat_template import TEMPLATE_SPECIAL_TOKENS, resolve_template
-from lmstack.train.checkpoint import WholeModel, begin_run
+from lmstack.train.checkpoint import WholeModel, begin_run, write_run_record
 from lmstack.train.config import OptimConfig, QATConfig, ScheduleConfig, TrainConfig
 from lmstack.train.distributed import DistContext, init_distributed, shutdown_distributed
 from lmstack.train.engine import Engine, TrainResult
@@ -297,16 +294,11 @@ def build_engine(cfg: FinetuneConfig, resume: bool = False, dist: DistContext | 
               "rows_per_epoch": batches.rows_per_epoch, "steps": t.steps,
               "epochs": round(t.steps / batches.steps_per_epoch(), 3)}
     run_config = to_dict(cfg)
-    tokenizer_dir = out_dir / "tokenizer"
+    files = write_run_record(out_dir, tokenizer, run_config, report, main=dist.is_main)
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tokenizer_dir)
-        write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
-        write_text(out_dir / "data_report.json", json.dumps(report, indent=2) + "\n")
         print(f"lmstack finetune: {cfg.method}, {trainable:,} of {total:,} parameters train; data: {stats.report()}; "
               f"{t.steps} steps ({report['epochs']} epochs)" + (f", resuming from {resume_from}" if resume_from else ""),
               file=sys.stderr)
-    files = {p.name: p for p in sorted(tokenizer_dir.iterdir())} if tokenizer_dir.is_dir() else {}
     store = WholeModel(extra_files=files) if cfg.method == "full" else \
         AdapterStore(base_model_name_or_path=str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
                      extra_files=files)
