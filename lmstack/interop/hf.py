@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from lmstack.atomic import atomic_dir
 from lmstack.config import PRESETS, ModelConfig, preset
@@ -24,7 +23,7 @@ from lmstack.errors import CheckpointError, ConfigError
 from lmstack.interop import families
 from lmstack.interop.hf_config import hf_incompatibility
 from lmstack.interop.hf_moe import mixtral_to_hf, mixtral_to_lmstack
-from lmstack.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, open_weights, tensor_files
+from lmstack.interop.safetensors_io import INDEX_FILE, open_weights, tensor_files, write_tensors
 from lmstack.model.transformer import Transformer
 from lmstack.schema import read_json
 
@@ -282,26 +281,7 @@ def write_weights(model: Transformer, directory: str | Path, max_shard_bytes: in
     dtype = dtype or model.lm_head.weight.dtype
     tensors = {name: t.detach().to("cpu", dtype).contiguous().clone()
                for name, t in lmstack_to_hf(model.state_dict(), config)}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / SINGLE_FILE, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / file, metadata={"format": "pt"})
-            weight_map.update({name: file for name in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                        "weight_map": weight_map}, indent=2))
+    write_tensors(tensors, directory, max_shard_bytes)
     dtype_name = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(families.decoder_config_to_hf(config, dtype_name), indent=2) + "\n")
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")

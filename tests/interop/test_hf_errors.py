@@ -77,7 +77,7 @@ def test_failed_save_leaves_old_directory_intact(tiny_dir, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lmstack.interop.hf.save_file", boom)
+    monkeypatch.setattr("lmstack.interop.safetensors_io.save_file", boom)  # where every weight file is written
     with pytest.raises(OSError, match="disk full"):
         lmstack.save_model(model, tiny_dir)
     assert sorted(p.name for p in tiny_dir.iterdir()) == before
