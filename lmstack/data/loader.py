@@ -133,6 +133,46 @@ class PretrainBatches:
                 for i in range(0, per_rank, self.batch_size)]
 
 
+class SeededRowBatches:
+    """The batch-source plumbing of the denoising objectives (MLM, span corruption): every row is built from its own
+    generator seeded by (seed, step, row index), so a step's rows are a pure function of the step and resume is exact.
+    A subclass sets stream / seq_len / batch_size / grad_accum / seed / rank / world_size and defines
+    `row(rng)` and `collate(rows)`."""
+
+    stream: TokenStream
+    seq_len: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    rank: int
+    world_size: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size * self.seq_len
+
+    def state_dict(self, step: int) -> dict[str, int]:
+        return {"next_step": step, "seed": self.seed, "seq_len": self.seq_len,
+                "global_batch_windows": self.batch_size * self.grad_accum * self.world_size}
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        per_rank = self.batch_size * self.grad_accum
+        first = self.rank * per_rank
+        rows = [self.row(np.random.default_rng([self.seed, step, first + i])) for i in range(per_rank)]
+        return [self.collate(rows[i:i + self.batch_size]) for i in range(0, per_rank, self.batch_size)]
+
+    def validation(self, max_rows: int, batch_size: int, rank: int = 0) -> list[dict[str, torch.Tensor]]:
+        """A fixed validation set (rows seeded by their index, not the step; rank r takes its own rows)."""
+        rows = [self.row(np.random.default_rng([self.seed, 1 << 30, rank * max_rows + i])) for i in range(max_rows)]
+        return [self.collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+    def row(self, rng: np.random.Generator):
+        raise NotImplementedError
+
+    def collate(self, rows: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
 def validation_batches(stream: TokenStream, seq_len: int, batch_size: int, max_windows: int, rank: int = 0,
                        world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed validation set: non-overlapping windows covering the split (evenly thinned to `max_windows`).

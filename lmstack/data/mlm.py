@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.data.loader import TokenStream
+from lmstack.data.loader import SeededRowBatches, TokenStream
 from lmstack.errors import DataError
 from lmstack.tokenizer import Tokenizer
 
@@ -69,7 +69,7 @@ def continues_word(tokenizer: Tokenizer) -> np.ndarray:
     return np.array([not p.startswith(("Ġ", "▁", " ")) and i not in special for i, p in enumerate(pieces)])
 
 
-class MaskedLMBatches:
+class MaskedLMBatches(SeededRowBatches):
     """Masked-LM (and optionally NSP) micro-batches: dicts of input_ids, attention_mask, token_type_ids, labels
     (B, T) and, with NSP, next_sentence_label (B,)."""
 
@@ -91,24 +91,8 @@ class MaskedLMBatches:
         self.ordinary = np.flatnonzero(~special)
         self.continues = continues_word(tokenizer) if self.masking.whole_word else None
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.world_size * self.seq_len
-
-    def state_dict(self, step: int) -> dict[str, int]:
-        return {"next_step": step, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch_windows": self.batch_size * self.grad_accum * self.world_size}
-
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        per_rank = self.batch_size * self.grad_accum
-        first = self.rank * per_rank
-        rows = [self.row(np.random.default_rng([self.seed, step, first + i])) for i in range(per_rank)]
-        return [collate(rows[i:i + self.batch_size], self.specials.pad) for i in range(0, per_rank, self.batch_size)]
-
-    def validation(self, max_rows: int, batch_size: int, rank: int = 0) -> list[dict[str, torch.Tensor]]:
-        """A fixed validation set (rows seeded by their index, not the step; rank r takes its own rows)."""
-        rows = [self.row(np.random.default_rng([self.seed, 1 << 30, rank * max_rows + i])) for i in range(max_rows)]
-        return [collate(rows[i:i + batch_size], self.specials.pad) for i in range(0, len(rows), batch_size)]
+    def collate(self, rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        return collate(rows, self.specials.pad)
 
     # ------------------------------------------------------------------------------------------- one row
     def row(self, rng: np.random.Generator) -> dict[str, np.ndarray]:

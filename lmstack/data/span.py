@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmstack.data.loader import TokenStream
+from lmstack.data.loader import SeededRowBatches, TokenStream
 from lmstack.errors import DataError
 from lmstack.tokenizer import Tokenizer
 
@@ -82,7 +82,7 @@ def sentinel_ids(tokenizer: Tokenizer) -> tuple[list[int], int]:
     return [top - 1 - i for i in range(NUM_SENTINELS)], top
 
 
-class SpanCorruptionBatches:
+class SpanCorruptionBatches(SeededRowBatches):
     """Micro-batches of dicts: input_ids, attention_mask (B, S) and labels (B, T) (-100 on padding)."""
 
     def __init__(self, stream: TokenStream, tokenizer: Tokenizer, seq_len: int, batch_size: int,
@@ -99,24 +99,6 @@ class SpanCorruptionBatches:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.stream, self.seq_len, self.batch_size, self.grad_accum = stream, seq_len, batch_size, grad_accum
         self.seed, self.rank, self.world_size = seed, rank, world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.world_size * self.seq_len
-
-    def state_dict(self, step: int) -> dict[str, int]:
-        return {"next_step": step, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch_windows": self.batch_size * self.grad_accum * self.world_size}
-
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
-        per_rank = self.batch_size * self.grad_accum
-        first = self.rank * per_rank
-        rows = [self.row(np.random.default_rng([self.seed, step, first + i])) for i in range(per_rank)]
-        return [self.collate(rows[i:i + self.batch_size]) for i in range(0, per_rank, self.batch_size)]
-
-    def validation(self, max_rows: int, batch_size: int, rank: int = 0) -> list[dict[str, torch.Tensor]]:
-        rows = [self.row(np.random.default_rng([self.seed, 1 << 30, rank * max_rows + i])) for i in range(max_rows)]
-        return [self.collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
     def row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         start = int(rng.integers(0, len(self.stream) - self.window))
