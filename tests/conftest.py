@@ -34,6 +34,20 @@ def _deterministic():
     yield
 
 
+# The models in these directories are tiny: a second intra-op thread gains nothing, and on a machine shared with
+# other jobs OpenMP's spin-waits make two threads several times slower than one.
+ONE_THREAD_DIRS = {"align", "eval", "generate", "quant", "serve", "train"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    threads = torch.get_num_threads()
+    if request.path.parent.name in ONE_THREAD_DIRS:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

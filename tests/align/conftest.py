@@ -11,15 +11,6 @@ import torch
 from tests.parity.hf_models import build_hf_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is faster than two and immune to other jobs' spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory) -> dict:
     """A tiny random Llama policy and a perturbed copy as the reference: HF (float64) and lmstack (float64)."""

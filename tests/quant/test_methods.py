@@ -20,14 +20,6 @@ from lmstack.quant.scaling import fold_scales, scale_groups
 from lmstack.quant.smoothquant import smooth_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     """A small llama trained for 25 steps on the interpreter's docs, with calibration and held-out windows."""

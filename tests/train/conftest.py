@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 
 def write_split(directory: Path, tokens: np.ndarray, vocab_size: int, eos_token_id: int, shard_tokens: int) -> None:
@@ -56,11 +55,3 @@ def tiny_data(tmp_path: Path) -> Path:
     write_split(data / "val", tokens[-n_val:], 64, 63, shard_tokens=5000)
     return data
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine it costs several x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
