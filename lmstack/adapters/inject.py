@@ -193,8 +193,11 @@ def unload(model: nn.Module) -> nn.Module:
         elif isinstance(module, IA3Linear):
             set_module(model, name, module.merged_linear())
         # bottleneck adapters and a kv_prefix (prompt / prefix tuning) cannot be folded into weights: they stay
-    if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
-        model.config.tie_word_embeddings = False  # e.g. modules_to_save trained a copy of one side only
+    lm = getattr(model, model.backbone_name) if hasattr(model, "backbone_name") else model  # score / value heads
+    head = getattr(lm, "lm_head", None)  # a reward model's backbone has none (nn.Identity)
+    untied = isinstance(head, nn.Linear) and head.weight is not lm.model.embed_tokens.weight
+    if lm.config.tie_word_embeddings and untied:
+        lm.config.tie_word_embeddings = False  # e.g. modules_to_save trained a copy of one side only
     for param in model.parameters():
         param.requires_grad_(False)
     return model

@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lmstack.adapters import LoraConfig, adapters, apply_lora
-from lmstack.adapters.inject import set_module
+from lmstack.adapters import LoraConfig, adapters, apply_lora, unload
 from lmstack.adapters.lora import LoraLinear
 from lmstack.adapters.peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_tensors
 from lmstack.atomic import atomic_dir
@@ -81,12 +80,10 @@ def save_score_adapter(model: ScoreModel, directory: str | Path, base_model_name
 
 def merged_score_model(model: ScoreModel) -> ScoreModel:
     """A copy with every LoRA adapter folded into its layer: a plain ScoreModel that save_score_model writes."""
-    merged = copy.deepcopy(model)
-    for name, module in list(adapters(merged)):
+    for name, module in adapters(model):
         if not isinstance(module, LoraLinear):
             raise ConfigError(f"{name}: only LoRA / DoRA adapters can be merged into a reward model")
-        set_module(merged, name, module.merged_linear())
-    return merged
+    return unload(copy.deepcopy(model))
 
 
 @dataclass

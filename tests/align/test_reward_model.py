@@ -124,3 +124,22 @@ def test_score_model_reads_the_last_real_token_only():
         hidden = model.backbone.hidden_states(ids[:, :3])[0, -1]
     torch.testing.assert_close(padded, alone)
     torch.testing.assert_close(alone[0], model.score(hidden)[0])
+
+
+def test_unload_folds_lora_into_a_reward_model_with_tied_embeddings():
+    """A reward model's backbone has no LM head (nn.Identity): unload must not look for one to untie."""
+    from lmstack.adapters import LoraConfig, apply_lora, has_adapters, unload
+
+    backbone = lmstack.Transformer(lmstack.preset("llama-tiny", vocab_size=64, tie_word_embeddings=True))
+    model = ScoreModel(backbone).eval()
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)  # a trained adapter: B = 0 would fold in nothing
+    ids = torch.randint(0, 64, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    adapted = model(ids, mask)
+    plain = unload(model)
+    assert not has_adapters(plain)
+    torch.testing.assert_close(plain(ids, mask), adapted, rtol=1e-5, atol=1e-5)
