@@ -306,13 +306,16 @@ class Engine:
                 val_now = None
                 if self.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                     val_loss = val_now = self.evaluate()
+                    # perplexity only where the loss is a token NLL (not a classification or preference loss)
+                    ppl = {"ppl": math.exp(min(val_loss, 700))} if getattr(self.objective, "loss_is_token_nll", True) else {}
                     if log:
                         log.log({"kind": "eval", "step": done,  # the objective's metrics never replace val_loss
                                  **{f"val_{name}": value for name, value in self.val_metrics.items()},
-                                 "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
+                                 "val_loss": val_loss, **{f"val_{name}": value for name, value in ppl.items()}})
                     if main:
-                        tqdm.write(f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 700)):.2f}"
-                                   + "".join(f", {name} {value:.4f}" for name, value in self.val_metrics.items()))
+                        tqdm.write(f"step {done}: val loss {val_loss:.4f}"
+                                   + "".join(f", {name} {value:.4f}" for name, value in self.val_metrics.items())
+                                   + "".join(f", perplexity {value:.2f}" for value in ppl.values()))
                 if self.out_dir is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
                                                  or done == cfg.steps):
                     saved = self.save(done, val_now)

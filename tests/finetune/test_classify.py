@@ -91,6 +91,7 @@ def test_full_finetune_writes_what_transformers_loads(bert_base, tmp_path):
     evals = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [4, 8] and all(0.0 <= r["val_accuracy"] <= 1.0 for r in evals)
+    assert not any("val_ppl" in r for r in evals)  # exp(label cross-entropy) is no perplexity
     # the logged accuracy is the checkpoint's accuracy on the validation rows
     correct = sum((model.classify(b["input_ids"], b["attention_mask"], b["token_type_ids"]).argmax(-1)
                    == b["labels"]).sum().item() for b in engine.val_batches)

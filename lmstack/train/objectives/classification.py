@@ -23,4 +23,7 @@ def sequence_classification_loss(model: nn.Module, batch: dict[str, torch.Tensor
     return Loss(total, labels.numel(), {"accuracy": (logits.argmax(-1) == labels).sum().float()})
 
 
+sequence_classification_loss.loss_is_token_nll = False  # a label cross-entropy: the engine logs no perplexity
+
+
 __all__ = ["sequence_classification_loss"]

@@ -153,6 +153,8 @@ class PreferenceObjective:
     `reference`; simpo and orpo use none.
     """
 
+    loss_is_token_nll = False  # the engine logs no perplexity for it
+
     def __init__(self, cfg: PreferenceConfig, reference: Reference | None = None):
         if cfg.uses_reference and reference is None and not cfg.precompute_reference:
             raise ConfigError(f"dpo.loss {cfg.loss!r} needs a reference model")

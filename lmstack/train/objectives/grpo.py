@@ -109,6 +109,8 @@ def grpo_token_losses(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torc
 class GRPOObjective:
     """objective(model, batch) -> Loss on rollout batches (lmstack.train.rollout) for grpo / dr_grpo / rloo."""
 
+    loss_is_token_nll = False  # the engine logs no perplexity for it
+
     def __init__(self, cfg: GRPOConfig, max_new_tokens: int):
         self.cfg, self.max_new_tokens = cfg, max_new_tokens
 

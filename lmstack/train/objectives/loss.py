@@ -7,6 +7,10 @@ divides once: so a step's gradient is the mean over all the items of the step, t
 batch is split into 1x8 or 8x1 micro-batches or over 2 ranks, and also when micro-batches score
 different numbers of items (SFT's masked prompts, variable-length pairs). A mean per micro-batch
 would weight a micro-batch of 3 scored tokens like one of 300.
+
+The engine reports exp(validation loss) as a perplexity, which means something only for a token NLL. An
+objective whose loss is something else (a label cross-entropy, a preference or policy loss) says so with
+the attribute `loss_is_token_nll = False` (on its class, or on the function).
 """
 
 from __future__ import annotations

@@ -174,6 +174,8 @@ def spread_stats(stats: dict[str, torch.Tensor] | None, count: torch.Tensor) -> 
 class PPOObjective:
     """objective(model, batch) -> Loss for a ValueHeadModel on rollout batches (lmstack.train.rollout)."""
 
+    loss_is_token_nll = False  # the engine logs no perplexity for it
+
     def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
 

@@ -45,6 +45,8 @@ def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: t
 class RewardObjective:
     """objective(model, batch) -> Loss for a ScoreModel on collate_pairs batches ([chosen rows; rejected rows])."""
 
+    loss_is_token_nll = False  # the engine logs no perplexity for it
+
     def __init__(self, cfg: RewardConfig | None = None):
         self.cfg = cfg or RewardConfig()
 
