@@ -6,12 +6,13 @@ The model is one pretrained here (README, section quantize: tinyshakespeare, cha
 last --val-fraction is the held-out evaluation text (the model never trained on it); calibration windows
 and QAT's training windows come from the rest. Methods: fp32, RTN int8 (symmetric per channel), RTN int4
 g128, GPTQ int4 g128, AWQ int4 g128, NF4, NF4 + double quant, RTN int3 g128, GPTQ int3 g128, SmoothQuant
-W8A8, dynamic W8A8, QAT int4 g128 and a mixed-precision choice (RTN, 3/4/8 bits for a 4.0-bit average).
+W8A8, dynamic W8A8, QAT int4 g128 (--qat-bits 4 3: also QAT int3 g128, against RTN int3) and a mixed-precision
+choice (RTN, 3/4/8 bits for a 4.0-bit average).
 
 Prints one JSON line per method (perplexity, its increase over fp32, bytes per parameter of the whole
 model and of the quantized layers, eager batch-1 decode tokens/s), then one summary line with the
 papers' claims checked on this model: "gptq4_vs_rtn4_increase_ratio" (GPTQ: <= 0.5), "nf4_beats_rtn4",
-"qat_recovered_fraction" (QAT: >= 0.5 of RTN int4's increase recovered).
+"qat_recovered_fraction" (QAT: >= 0.5 of RTN int4's increase recovered; "..._int3" at 3 bits).
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ def decode_tok_s(model, seq_len: int) -> float:
     return out.stats.decode_tokens_per_s
 
 
-def train_qat(model, train: torch.Tensor, steps: int, lr: float) -> float:
-    """QAT int4 g128 through the engine on training windows (as `lmstack quantize --method qat` does)."""
+def train_qat(model, train: torch.Tensor, bits: int, steps: int, lr: float) -> float:
+    """QAT (int`bits` g128) through the engine on training windows (as `lmstack quantize --method qat` does)."""
     from lmstack.train.config import OptimConfig, ScheduleConfig, TrainConfig
     from lmstack.train.engine import Engine
     from lmstack.train.objectives import causal_lm_loss
 
-    prepare_qat(model, 4, 128)
+    prepare_qat(model, bits, 128)
     batch = 8
 
     class Windows:
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--qat-steps", type=int, default=150)
     parser.add_argument("--qat-lr", type=float, default=1e-4)
+    parser.add_argument("--qat-bits", type=int, nargs="+", default=[4], help="QAT runs, each against RTN at its bits")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="*", default=None, help="run only these methods (and fp32)")
     args = parser.parse_args()
@@ -131,12 +133,14 @@ def main() -> None:
         report = quantize_model(model, copy.deepcopy(METHODS[name]), calib)
         record(name, model, report, time.perf_counter() - start)
 
-    if args.only is None or "qat_int4_g128" in args.only:
+    for bits in args.qat_bits:
+        if args.only is not None and f"qat_int{bits}_g128" not in args.only:
+            continue
         model = copy.deepcopy(base).train()
-        seconds = train_qat(model, train, args.qat_steps, args.qat_lr)
+        seconds = train_qat(model, train, bits, args.qat_steps, args.qat_lr)
         model.eval()
-        report = quantize_model(model, QuantConfig("qat", 4, 128), calib)
-        record("qat_int4_g128", model, report, seconds, qat_steps=args.qat_steps, qat_lr=args.qat_lr)
+        report = quantize_model(model, QuantConfig("qat", bits, 128), calib)
+        record(f"qat_int{bits}_g128", model, report, seconds, qat_steps=args.qat_steps, qat_lr=args.qat_lr)
 
     if args.only is None or "mixed_rtn_4.0" in args.only:
         model = copy.deepcopy(base)
@@ -157,8 +161,10 @@ def main() -> None:
         summary["gptq3_vs_rtn3_increase_ratio"] = round(increase("gptq_int3_g128") / increase("rtn_int3_g128"), 3)
     if increase("nf4") is not None and increase("rtn_int4_g128") is not None:
         summary["nf4_beats_rtn4"] = increase("nf4") < increase("rtn_int4_g128")
-    if increase("qat_int4_g128") is not None and increase("rtn_int4_g128"):
-        summary["qat_recovered_fraction"] = round(1 - increase("qat_int4_g128") / increase("rtn_int4_g128"), 3)
+    for bits in args.qat_bits:  # the share of RTN's increase at the same bits that QAT recovers (paper: >= 0.5)
+        if increase(f"qat_int{bits}_g128") is not None and increase(f"rtn_int{bits}_g128"):
+            key = "qat_recovered_fraction" + ("" if bits == 4 else f"_int{bits}")
+            summary[key] = round(1 - increase(f"qat_int{bits}_g128") / increase(f"rtn_int{bits}_g128"), 3)
     print(json.dumps(summary))
 
 
