@@ -5,7 +5,8 @@ Usage: python benchmarks/quantize.py --model DIR --text FILE [--val-fraction 0.1
 The model is one pretrained here (README, section quantize: tinyshakespeare, character level). The text's
 last --val-fraction is the held-out evaluation text (the model never trained on it); calibration windows
 and QAT's training windows come from the rest. Methods: fp32, RTN int8 (symmetric per channel), RTN int4
-g128, GPTQ int4 g128, AWQ int4 g128, NF4, NF4 + double quant, RTN int3 g128, GPTQ int3 g128, SmoothQuant
+g128, GPTQ int4 g128, AWQ int4 g128, NF4, NF4 + double quant, FP4 and symmetric RTN int4 g64 (QLoRA's
+comparison), RTN int3 g128, GPTQ int3 g128, SmoothQuant
 W8A8, dynamic W8A8, QAT int4 g128 (--qat-bits 4 3: also QAT int3 g128, against RTN int3) and a mixed-precision
 choice (RTN, 3/4/8 bits for a 4.0-bit average).
 
@@ -41,6 +42,9 @@ METHODS = {
     "awq_int4_g128": QuantConfig("awq", 4, 128),
     "nf4": QuantConfig("nf4", double_quant=False),
     "nf4_double_quant": QuantConfig("nf4"),
+    # what QLoRA compared NF4 with: FP4 and symmetric (absmax) int4, both in blocks of 64 as NF4's
+    "fp4": QuantConfig("fp4", double_quant=False),
+    "rtn_int4_g64_symmetric": QuantConfig("rtn", 4, 64, symmetric=True),
     "rtn_int3_g128": QuantConfig("rtn", 3, 128),
     "gptq_int3_g128": QuantConfig("gptq", 3, 128),
     "smoothquant_w8a8": QuantConfig("smoothquant"),
@@ -161,6 +165,9 @@ def main() -> None:
         summary["gptq3_vs_rtn3_increase_ratio"] = round(increase("gptq_int3_g128") / increase("rtn_int3_g128"), 3)
     if increase("nf4") is not None and increase("rtn_int4_g128") is not None:
         summary["nf4_beats_rtn4"] = increase("nf4") < increase("rtn_int4_g128")
+    for peer in ("fp4", "rtn_int4_g64_symmetric"):
+        if increase("nf4") is not None and increase(peer) is not None:
+            summary[f"nf4_beats_{peer}"] = increase("nf4") < increase(peer)
     for bits in args.qat_bits:  # the share of RTN's increase at the same bits that QAT recovers (paper: >= 0.5)
         if increase(f"qat_int{bits}_g128") is not None and increase(f"rtn_int{bits}_g128"):
             key = "qat_recovered_fraction" + ("" if bits == 4 else f"_int{bits}")
