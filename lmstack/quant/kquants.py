@@ -49,7 +49,8 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int = 15, rmin: float = -
     scale = 1 / iscale
     L = torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
     best = (w * (scale[:, None] * L + lo[:, None] - x) ** 2).sum(1)
-    for step in range(nstep + 1):
+    for step in range(nstep + 1):  # ggml re-centres on the best min so far: both the span and the offset move
+        span = torch.where(flat, torch.ones_like(hi), hi - lo)
         iscale = (rmin + rdelta * step + nmax) / span
         trial = torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
         sum_l, sum_l2, sum_xl = (w * trial).sum(1), (w * trial * trial).sum(1), (w * trial * x).sum(1)
