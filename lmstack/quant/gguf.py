@@ -16,7 +16,7 @@ token embedding and an untied output matrix are Q8_0 (llama.cpp's own Q4_0 files
 because their errors land directly on every token's input and logits. --type q4_k_m follows llama.cpp's
 per-tensor rules exactly (lmstack/quant/kquants.py).
 
-Tokenizer: byte-level BPE (tokenizer.ggml.model "gpt2", pre-tokenizer "gpt2") with its merges, or
+Tokenizer: byte-level BPE (tokenizer.ggml.model "gpt2", pre-tokenizer "gpt-2") with its merges, or
 SentencePiece-style unigram ("t5", llama.cpp's UGM: pieces with their log-probability scores, unk, a space
 prefix); special tokens as control tokens, bos / eos / pad ids and `tokenizer.chat_template`. Other
 tokenizer kinds and other architectures are refused with the reason.
@@ -138,7 +138,7 @@ def _byte_level_bpe(writer, model: dict, special: dict[str, int], config) -> Non
     tokens, types = _token_table(dict(model["vocab"]), special, config)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for GPT-2's split regex (ByteLevel's); it refuses "gpt2"
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
