@@ -266,3 +266,34 @@ def test_llama_cpp_runs_the_file_with_lmstacks_tokens_and_greedy_text(llama_dir,
         if len(theirs) == 16:
             break
     assert theirs == ours
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_a_unigram_export_with_lmstacks_tokens_and_greedy_text(tmp_path):
+    """The UGM ("t5") vocabulary in llama.cpp itself: lmstack's ids for texts (a double space included, which
+    transformers' reader would collapse) and the same greedy continuation."""
+    import pydoc_data.topics
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lmstack.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(iter(list(pydoc_data.topics.topics.values())[:30]), "unigram", 400)
+    torch.manual_seed(0)
+    cfg = lmstack.ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=1, num_heads=4,
+                              num_kv_heads=2, intermediate_size=128, max_seq_len=64,
+                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    directory = tmp_path / "model"
+    lmstack.save_model(lmstack.Transformer(cfg), directory, extra_files=tokenizer.files())
+    model = lmstack.load_model(directory).eval()
+    export_gguf(model, directory, tmp_path / "model.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=64, verbose=False, n_threads=1)
+    for text in ["The quick brown fox, def f(x): return x", "If the expression list is empty,  None is substituted."]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
+    ids = tokenizer.encode("The quick brown fox")
+    ours = lmstack.generate(model, None, [ids], max_new_tokens=12, ignore_eos=True).token_ids[0]
+    theirs = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == 12:
+            break
+    assert theirs == ours
