@@ -205,26 +205,18 @@ def finetune_args(method: str, base: str, out: Path, data_args: list[str], lr: f
             "--lora.r=16", "--lora.lora_alpha=32", "--lora.target_modules=all-linear"]
 
 
-def chat_exact_match(model, tokenizer, problems: list[dict], kind_of=lambda i: "add") -> tuple[int, dict]:
-    """Greedy answers to the problems' prompts in ChatML (100 prompts at a time, stopping at <|im_end|>), scored
-    by exact match: (correct, {kind: (hits, total)})."""
-    from lmstack.data.instruct_tasks import exact_match
+def chat_answers(model, tokenizer, problems: list[dict]) -> list[str]:
+    """Greedy answers to the problems' prompts in ChatML, 100 prompts at a time, each stopping at <|im_end|>."""
     from lmstack.generate.api import generate
 
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)
                for p in problems]
     end = [tokenizer.token_to_id("<|im_end|>")]
-    correct, by_kind = 0, {}
+    texts = []
     for i in range(0, len(prompts), 100):  # batched greedy generation, 100 prompts at a time
-        outputs = generate(model, tokenizer, prompts[i:i + 100], max_new_tokens=12, eos_token_ids=end,
-                           add_special_tokens=False)  # the chat template wrote every special token
-        for j, (problem, text) in enumerate(zip(problems[i:i + 100], outputs.texts)):
-            kind = kind_of(i + j)
-            ok = exact_match(text, problem["completion"])
-            correct += ok
-            hits, total = by_kind.get(kind, (0, 0))
-            by_kind[kind] = (hits + ok, total + 1)
-    return correct, by_kind
+        texts += generate(model, tokenizer, prompts[i:i + 100], max_new_tokens=12, eos_token_ids=end,
+                          add_special_tokens=False).texts  # the chat template wrote every special token
+    return texts
 
 
 def peak_rss_mib() -> float:
@@ -240,7 +232,7 @@ def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int,
     import torch
 
     from lmstack.adapters import unload
-    from lmstack.data.instruct_tasks import KINDS, generate_tasks
+    from lmstack.data.instruct_tasks import KINDS, exact_match, generate_tasks
     from lmstack.schema import load_config
     from lmstack.tokenizer import Tokenizer
     from lmstack.train.recipes.finetune import FinetuneConfig, build_engine
@@ -265,11 +257,16 @@ def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int,
         model = unload(model)  # the trained adapter folded into (a dequantized copy of) the base it trained on
     if suite == "arithmetic":
         problems = arithmetic_problems(n_eval)
-        correct, by_kind = chat_exact_match(model, tokenizer, problems)
     else:
         train_prompts = {r["prompt"] for r in generate_tasks(n_train, 0)}
         problems = generate_tasks(n_eval, 12345, exclude=train_prompts)
-        correct, by_kind = chat_exact_match(model, tokenizer, problems, lambda i: KINDS[i % len(KINDS)])  # in turn
+    correct, by_kind = 0, {}
+    for i, (problem, text) in enumerate(zip(problems, chat_answers(model, tokenizer, problems))):
+        kind = "add" if suite == "arithmetic" else KINDS[i % len(KINDS)]  # generate_tasks: kinds in turn
+        ok = exact_match(text, problem["completion"])
+        correct += ok
+        hits, total = by_kind.get(kind, (0, 0))
+        by_kind[kind] = (hits + ok, total + 1)
     report = json.loads((out / "data_report.json").read_text())
     print(json.dumps({"benchmark": "finetune_quality", "suite": suite, "method": method, "lr": lr, "accuracy": round(correct / len(problems), 4),
                       "accuracy_by_kind": {k: round(h / t, 3) for k, (h, t) in by_kind.items()},

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import time
 from pathlib import Path
 
 from adapt_runs import ROOT, cpu_info, finetune_run, pretrain_val_ppl
-from finetune_quality import (arithmetic_problems, arithmetic_train_file, chat_exact_match, finetune_args,
-                              peak_rss_mib, pretrain_arithmetic)
+from finetune_quality import (arithmetic_problems, arithmetic_train_file, chat_answers, finetune_args, peak_rss_mib,
+                              pretrain_arithmetic)
 
 METHODS = ["full", "lora", "dora", "qlora", "prompt", "p_tuning", "prefix", "bottleneck", "ia3"]
 # the first learning rate tried per method: finetune_quality's for full and the LoRA family; the prompt-style
@@ -38,14 +39,14 @@ OVERRIDES = {"prompt": ["--prompt_tuning.num_virtual_tokens=20"], "p_tuning": ["
              "prefix": ["--prefix_tuning.num_virtual_tokens=20"], "bottleneck": ["--bottleneck.reduction_factor=8"]}
 
 
-def answer_loss(model, tokenizer, problems: list[dict]) -> float:
-    """Mean cross-entropy of the held-out answers (+ <|im_end|>) given their ChatML prompts: it moves before
-    exact match does."""
+def answer_losses(model, tokenizer, problems: list[dict]) -> tuple[float, float]:
+    """Mean cross-entropy of the held-out answers (+ <|im_end|>) given their ChatML prompts, which moves before
+    exact match does; and of the answers' digits alone (the sum, without the stop)."""
     import torch
     import torch.nn.functional as F
 
     end = [tokenizer.token_to_id("<|im_end|>")]
-    total, count = 0.0, 0
+    total, digits, count, digit_count = 0.0, 0.0, 0, 0
     with torch.no_grad():
         for problem in problems:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": problem["prompt"]}],
@@ -54,9 +55,17 @@ def answer_loss(model, tokenizer, problems: list[dict]) -> float:
             a_ids = tokenizer.encode(problem["completion"], add_special_tokens=False) + end
             ids = torch.tensor([p_ids + a_ids])  # (1, T)
             logits = model(ids[:, :-1])[0, len(p_ids) - 1:].float()  # (len(a_ids), V): the answer's predictions
-            total += F.cross_entropy(logits, ids[0, len(p_ids):], reduction="sum").item()
-            count += len(a_ids)
-    return total / count
+            losses = F.cross_entropy(logits, ids[0, len(p_ids):], reduction="none")  # (len(a_ids),)
+            total, count = total + losses.sum().item(), count + len(a_ids)
+            digits, digit_count = digits + losses[:-1].sum().item(), digit_count + len(a_ids) - 1
+    return total / count, digits / digit_count
+
+
+def sum_first(text: str, answer: str) -> bool:
+    """The generation starts with the answer and no further digit, whatever follows (a model that computes the sum
+    but never emits <|im_end|>)."""
+    head = re.match(r"\s*(\d+)", text)
+    return head is not None and head.group(1) == answer
 
 
 def worker(spec: dict) -> dict:
@@ -65,6 +74,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     from lmstack.adapters import unload
+    from lmstack.data.instruct_tasks import exact_match
     from lmstack.interop.hf import load_model
     from lmstack.schema import load_config
     from lmstack.tokenizer import Tokenizer
@@ -88,20 +98,25 @@ def worker(spec: dict) -> dict:
     after = pretrain_val_ppl(model, data, spec["ppl_windows"], seq_len)
     tokenizer = Tokenizer.load(out / "tokenizer")
     problems = arithmetic_problems(spec["n_eval"])
-    correct, _ = chat_exact_match(model, tokenizer, problems)
-    loss = answer_loss(model, tokenizer, problems)
+    texts = chat_answers(model, tokenizer, problems)
+    correct = sum(exact_match(t, p["completion"]) for t, p in zip(texts, problems))
+    first = sum(sum_first(t, p["completion"]) for t, p in zip(texts, problems))
+    loss, digit_loss = answer_losses(model, tokenizer, problems)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if r.get("kind") == "train" and r.get("tokens_per_s")]
     report = json.loads((out / "data_report.json").read_text())
     return {"trainable_params": report["trainable_parameters"], "total_params": report["total_parameters"],
             "peak_mem_mib": peak_rss_mib(),
             "tokens_per_s": round(statistics.median(speeds[len(speeds) // 4:]), 1) if speeds else None,
-            "task_exact_match": round(correct / len(problems), 4), "task_val_loss": round(loss, 4),
+            "task_exact_match": round(correct / len(problems), 4),
+            "task_sum_first": round(first / len(problems), 4), "task_val_loss": round(loss, 4),
+            "task_digit_loss": round(digit_loss, 4),
             "final_train_loss": round(result.final_loss, 4), "pretrain_val_ppl_before": round(before, 4),
             "pretrain_val_ppl_after": round(after, 4), "pretrain_ppl_increase": round(after - before, 4),
             "minutes": round(minutes, 2), "steps": spec["steps"], "batch_size": spec["batch_size"],
             "seq_len": seq_len, "epochs": report["epochs"], "heldout_problems": len(problems),
-            "threads": torch.get_num_threads(), **cpu_info()}
+            "threads": torch.get_num_threads(), "examples": [[p["prompt"], t] for p, t in zip(problems[:2], texts)],
+            **cpu_info()}
 
 
 def main() -> None:
