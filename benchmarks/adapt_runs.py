@@ -155,9 +155,10 @@ def worker(spec: dict) -> dict:
             **cpu_info()}
 
 
-def finetune_run(spec: dict) -> dict:
-    """`worker(spec)` in a fresh process; its JSON result."""
-    code = "import json, sys; from adapt_runs import worker; print('RESULT ' + json.dumps(worker(json.loads(sys.argv[1]))))"
+def finetune_run(spec: dict, worker: str = "adapt_runs") -> dict:
+    """`worker(spec)` of the benchmarks module `worker` in a fresh process (its peak memory its own); its JSON result."""
+    code = (f"import json, sys; from {worker} import worker; "
+            "print('RESULT ' + json.dumps(worker(json.loads(sys.argv[1]))))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=Path(__file__).parent, check=False,
                           capture_output=True, text=True, env={**os.environ,
                                                                 "PYTHONPATH": f"{ROOT}:{Path(__file__).parent}"})

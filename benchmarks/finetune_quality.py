@@ -180,6 +180,52 @@ def copy_probe(base: Path, n: int = 100) -> dict:
             "examples": [[prompts[i], texts[i]] for i in range(3)]}
 
 
+def arithmetic_train_file(work: Path) -> Path:
+    """WORK/sft-train.jsonl: every usable pair, phrased as an instruction ("What is 47 plus 38?" -> "85")."""
+    usable, _ = arithmetic_pairs()
+    train_file = Path(work) / "sft-train.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": instruction(a, b), "completion": str(a + b)}) + "\n"
+                                  for a, b in usable))
+    return train_file
+
+
+def arithmetic_problems(n: int) -> list[dict]:
+    """The first `n` held-out pairs as instruction problems (prompt, completion)."""
+    _, held = arithmetic_pairs()
+    return [{"prompt": instruction(a, b), "completion": str(a + b)} for a, b in held[:n]]
+
+
+def finetune_args(method: str, base: str, out: Path, data_args: list[str], lr: float, steps: int, batch_size: int,
+                  seq_len: int, threads: int) -> list[str]:
+    """`lmstack finetune` options of one quality run (ChatML, no weight decay, LoRA-family r=16 on all linears)."""
+    return [f"--model={base}", f"--method={method}", f"--out_dir={out}", *data_args, "--data.chat_template=chatml",
+            f"--optim.lr={lr}", "--optim.weight_decay=0.0", "--schedule.warmup_steps=20", f"--train.steps={steps}",
+            f"--train.batch_size={batch_size}", f"--train.seq_len={seq_len}", "--train.eval_every=0",
+            "--train.progress=false", f"--train.threads={threads}",
+            "--lora.r=16", "--lora.lora_alpha=32", "--lora.target_modules=all-linear"]
+
+
+def chat_answers(model, tokenizer, problems: list[dict]) -> list[str]:
+    """Greedy answers to the problems' prompts in ChatML, 100 prompts at a time, each stopping at <|im_end|>."""
+    from lmstack.generate.api import generate
+
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)
+               for p in problems]
+    end = [tokenizer.token_to_id("<|im_end|>")]
+    texts = []
+    for i in range(0, len(prompts), 100):  # batched greedy generation, 100 prompts at a time
+        texts += generate(model, tokenizer, prompts[i:i + 100], max_new_tokens=12, eos_token_ids=end,
+                          add_special_tokens=False).texts  # the chat template wrote every special token
+    return texts
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-set high-water mark (VmHWM), MiB."""
+    peak = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmHWM")))
+    return round(peak / 1024, 1)
+
+
 def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int, n_eval: int, seq_len: int,
                     batch_size: int, lr: float | None, threads: int, suite: str = "tasks") -> None:
     """Run one method and evaluate it; prints one JSON line (this process's peak memory included)."""
@@ -187,62 +233,45 @@ def finetune_worker(method: str, base: str, work: str, steps: int, n_train: int,
 
     from lmstack.adapters import unload
     from lmstack.data.instruct_tasks import KINDS, exact_match, generate_tasks
-    from lmstack.generate.api import generate
     from lmstack.schema import load_config
+    from lmstack.tokenizer import Tokenizer
     from lmstack.train.recipes.finetune import FinetuneConfig, build_engine
 
     torch.set_num_threads(threads)
     lr = lr or (ARITH_LR if suite == "arithmetic" else LR)[method]
     out = Path(work) / method
-    if suite == "arithmetic":  # every usable pair, phrased as an instruction
-        usable, held = arithmetic_pairs()
-        train_file = Path(work) / "sft-train.jsonl"
-        train_file.write_text("".join(json.dumps({"prompt": instruction(a, b), "completion": str(a + b)}) + "\n"
-                                      for a, b in usable))
-        data_args = [f"--data.train={train_file}"]
+    if suite == "arithmetic":
+        data_args = [f"--data.train={arithmetic_train_file(Path(work))}"]
     else:
         data_args = ["--data.train=builtin:instruct-tasks", f"--data.max_samples={n_train}"]
-    cfg = load_config(FinetuneConfig, None, [
-        f"--model={base}", f"--method={method}", f"--out_dir={out}", *data_args, "--data.chat_template=chatml", f"--optim.lr={lr}",
-        "--optim.weight_decay=0.0", "--schedule.warmup_steps=20", f"--train.steps={steps}",
-        f"--train.batch_size={batch_size}", f"--train.seq_len={seq_len}", "--train.eval_every=0", "--train.progress=false", f"--train.threads={threads}",
-        "--lora.r=16", "--lora.lora_alpha=32", "--lora.target_modules=all-linear"])
+    cfg = load_config(FinetuneConfig, None, finetune_args(method, base, out, data_args, lr, steps, batch_size,
+                                                          seq_len, threads))
     started, cpu_started = time.perf_counter(), time.process_time()
     engine = build_engine(cfg)
     result = engine.fit()
     minutes = (time.perf_counter() - started) / 60
     cpu_minutes = (time.process_time() - cpu_started) / 60  # what the run cost, whatever else shares the machine
-    tokenizer_dir = out / "tokenizer"
-    from lmstack.tokenizer import Tokenizer
-    tokenizer = Tokenizer.load(tokenizer_dir)
+    tokenizer = Tokenizer.load(out / "tokenizer")
     model = engine.base_model.eval()
     if method != "full":
         model = unload(model)  # the trained adapter folded into (a dequantized copy of) the base it trained on
     if suite == "arithmetic":
-        problems = [{"prompt": instruction(a, b), "completion": str(a + b)} for a, b in held[:n_eval]]
+        problems = arithmetic_problems(n_eval)
     else:
         train_prompts = {r["prompt"] for r in generate_tasks(n_train, 0)}
         problems = generate_tasks(n_eval, 12345, exclude=train_prompts)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)
-               for p in problems]
-    end = [tokenizer.token_to_id("<|im_end|>")]
     correct, by_kind = 0, {}
-    for i in range(0, len(prompts), 100):  # batched greedy generation, 100 prompts at a time
-        outputs = generate(model, tokenizer, prompts[i:i + 100], max_new_tokens=12, eos_token_ids=end,
-                           add_special_tokens=False)  # the chat template wrote every special token
-        for j, (problem, text) in enumerate(zip(problems[i:i + 100], outputs.texts)):
-            kind = "add" if suite == "arithmetic" else KINDS[(i + j) % len(KINDS)]  # generate_tasks: kinds in turn
-            ok = exact_match(text, problem["completion"])
-            correct += ok
-            hits, total = by_kind.get(kind, (0, 0))
-            by_kind[kind] = (hits + ok, total + 1)
-    peak = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("VmHWM")))
+    for i, (problem, text) in enumerate(zip(problems, chat_answers(model, tokenizer, problems))):
+        kind = "add" if suite == "arithmetic" else KINDS[i % len(KINDS)]  # generate_tasks: kinds in turn
+        ok = exact_match(text, problem["completion"])
+        correct += ok
+        hits, total = by_kind.get(kind, (0, 0))
+        by_kind[kind] = (hits + ok, total + 1)
     report = json.loads((out / "data_report.json").read_text())
     print(json.dumps({"benchmark": "finetune_quality", "suite": suite, "method": method, "lr": lr, "accuracy": round(correct / len(problems), 4),
                       "accuracy_by_kind": {k: round(h / t, 3) for k, (h, t) in by_kind.items()},
                       "heldout_problems": len(problems), "minutes": round(minutes, 2), "cpu_minutes": round(cpu_minutes, 2),
-                      "peak_mem_mib": round(peak / 1024, 1), "final_train_loss": round(result.final_loss, 4),
+                      "peak_mem_mib": peak_rss_mib(), "final_train_loss": round(result.final_loss, 4),
                       "steps": steps, "epochs": report["epochs"], "trainable_params": report["trainable_parameters"],
                       "threads": torch.get_num_threads()}), flush=True)
 
