@@ -60,7 +60,7 @@ def test_prefix_cache_reuses_a_system_prompt(start_server, tiny):
         assert got == expected
     metrics = httpx.get(live.url + "/metrics").text
     assert "lmstack_prefix_cache_hits_total 2" in metrics and "lmstack_prefix_cache_misses_total 1" in metrics
-    assert len(live.scheduler.prefixes) == 1
+    assert live.scheduler.prefix_entries == 1
 
 
 def test_metrics_are_prometheus_text_with_the_counts(start_server, tiny):
