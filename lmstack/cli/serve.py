@@ -25,6 +25,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; then 429 (64)")
     parser.add_argument("--prefix-cache", type=int, default=4, help="shared prefixes (system prompts) kept; 0 = off")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
+                        help="a request that finds the pool idle waits up to this long (ms) for others arriving "
+                             "with it, to prefill and decode them together (default 2; 0 = off)")
     parser.add_argument("--engine", default="process", choices=["process", "thread"],
                         help="run the model and scheduler in a process of their own (default; the HTTP side gets "
                              "the other core) or on a thread of the server's process")
@@ -33,7 +36,8 @@ def main(argv: list[str]) -> int:
     config = ServeConfig(model=args.model, adapter=args.adapter, model_name=args.model_name, host=args.host,
                          port=args.port, api_key=args.api_key, device=args.device, max_batch=args.max_batch,
                          max_len=args.max_len, max_queue=args.max_queue, prefix_cache=args.prefix_cache,
-                         compile=args.compile, engine=args.engine)
+                         compile=args.compile, batch_wait_ms=args.batch_wait_ms,
+                         engine=args.engine)
     if not Path(config.model).is_dir():  # fail now rather than serve 503s about it
         raise CheckpointError(f"{config.model}: no such model directory (--model)")
     try:

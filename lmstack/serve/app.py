@@ -80,7 +80,8 @@ class Server:
                 context = model.config.max_seq_len
                 row_len = min(self.config.max_len or context, context)
                 scheduler = Scheduler(model, self.tokenizer, self.config.max_batch, row_len, self.config.max_queue,
-                                      self.config.prefix_cache, self.config.compile, self.metrics, handoff)
+                                      self.config.prefix_cache, self.config.compile, self.metrics, handoff,
+                                      self.config.batch_wait_ms / 1e3)
                 scheduler.start()
                 self.info = ModelInfo(model.config.vocab_size, context, list(model.config.eos_token_ids), row_len)
             self.names = TokenText(self.tokenizer)

@@ -132,7 +132,7 @@ def engine_main(conn: Connection, spec: dict[str, Any]) -> None:
         row_len = min(config.max_len or context, context)
         # No queue limit here: the web process refuses past max_queue before a job is sent.
         scheduler = Scheduler(model, tokenizer, config.max_batch, row_len, sys.maxsize, config.prefix_cache,
-                              config.compile)
+                              config.compile, batch_wait=config.batch_wait_ms / 1e3)
     except Exception as e:  # shown by /health and every request
         _send(conn, lock, {"load_error": f"{type(e).__name__}: {e}"})
         return

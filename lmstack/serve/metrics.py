@@ -68,7 +68,8 @@ class Metrics:
             self.finished[outcome] = self.finished.get(outcome, 0) + 1
 
     # What an engine process counts and sends to the web process with each report (lmstack.serve.engine); the
-    # web process counts the rest itself: 429s, and generated tokens as their events arrive.
+    # web process counts the rest itself: 429s, and generated tokens as their events arrive. idle_since is a
+    # perf_counter() reading: CLOCK_MONOTONIC on Linux, one clock for both processes.
     ENGINE_FIELDS = ("finished", "prompt_tokens", "prefix_hits", "prefix_misses", "decode_steps", "kv_pool_bytes",
                      "scheduler_seconds", "idle_since")
 

@@ -110,12 +110,14 @@ class Scheduler:
 
     def __init__(self, model: CausalLM, tokenizer, rows: int, row_len: int, max_queue: int,
                  prefix_entries: int = 4, compile: bool = False, metrics: Metrics | None = None,
-                 handoff: Callable[[Callable[[], None]], None] | None = None):
+                 handoff: Callable[[Callable[[], None]], None] | None = None, batch_wait: float = 0.0):
         """handoff(fn) runs fn where the jobs' consumers live (an event loop's call_soon_threadsafe); by
-        default the scheduler thread calls `emit` itself."""
+        default the scheduler thread calls `emit` itself. batch_wait: seconds a request that finds the pool
+        idle waits for others arriving with it (`_gather_burst`); 0 = start at once."""
         self.model, self.tokenizer = model, tokenizer
         self.handoff = handoff
         self.rows, self.row_len, self.max_queue, self.compile = rows, row_len, max_queue, compile
+        self.batch_wait = batch_wait
         self.metrics = metrics or Metrics()
         self.prefixes = PrefixCache(prefix_entries)
         self.rows_used = 0  # written by the scheduler thread only
@@ -197,6 +199,8 @@ class Scheduler:
                             self.metrics.idle_since = t0
                             self._report()
                             self._cond.wait()
+                        if not self._active and self.batch_wait > 0:
+                            self._gather_burst()
                         if self._stopping:
                             break
                     t1 = time.perf_counter()
@@ -226,6 +230,21 @@ class Scheduler:
                     self._send(job, Event(i, error=f"the scheduler stopped: {type(e).__name__}: {e}"))
             self._flush()
             raise
+
+    def _gather_burst(self) -> None:
+        """The pool is idle and a request came (holding self._cond): wait while more keep coming, each within
+        batch_wait of the last and 4 x batch_wait in all, until they would fill the pool. Clients that start
+        together (a burst, or closed-loop clients whose requests ended in the same step) then share one prefill
+        and decode in step, instead of the first one's rows running a step or two ahead, alone, and finishing
+        alone. Triton's dynamic batcher has the same knob (max_queue_delay); a lone request pays up to
+        batch_wait in time to first token."""
+        deadline = time.perf_counter() + 4 * self.batch_wait
+        seen = len(self._waiting)
+        while not self._stopping and sum(job.rows_needed for job in self._waiting) < self.rows:
+            remaining = min(self.batch_wait, deadline - time.perf_counter())
+            if remaining <= 0 or not self._cond.wait(remaining) or len(self._waiting) == seen:
+                return
+            seen = len(self._waiting)
 
     def _report(self) -> None:
         if self.report is not None:
