@@ -283,13 +283,16 @@ def drain(base: str, timeout: float = 10.0) -> None:
 class Server:
     """`python -m lmstack serve` in its own process on a free loopback port."""
 
-    def __init__(self, directory: Path, threads: int, max_len: int | None, engine: str = "process"):
+    def __init__(self, directory: Path, threads: int, max_len: int | None, engine: str = "process",
+                 extra: list[str] = ()):
+        """extra: more `lmstack serve` flags (benchmarks/serve_ab.py's variants; the last of a flag wins)."""
         port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         command = [sys.executable, "-m", "lmstack", "serve", "--model", str(directory), "--port", str(port),
                    "--max-batch", "16", "--max-queue", "2000", "--log-level", "warning", "--engine", engine]
-        self.process = subprocess.Popen(command + (["--max-len", str(max_len)] if max_len else []), env=env)
+        command += (["--max-len", str(max_len)] if max_len else []) + list(extra)
+        self.process = subprocess.Popen(command, env=env)
         self.base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while True:

@@ -219,9 +219,9 @@ class Scheduler:
                     else:
                         t3 = t2
                     self._flush()
+                    self._report()
                     clock["dispatch"] += time.perf_counter() - t3
                     clock["admit"] += t2 - t1
-                    self._report()
         except BaseException as e:  # a bug: fail every job rather than hang its client
             self.failure = e
             self._outbox.clear()
