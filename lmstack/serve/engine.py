@@ -150,9 +150,10 @@ def engine_main(conn: Connection, spec: dict[str, Any]) -> None:
 
         return emit
 
-    def report(left: list[Job]) -> None:
+    def report(left: list[Job], events: list[list[Any]] | None = None) -> None:
         nonlocal outbox
-        events, outbox = outbox, []
+        if events is None:
+            events, outbox = outbox, []
         for job in left:
             jobs.pop(job.id, None)
         state = {"rows_used": scheduler.rows_used, "waiting": scheduler.waiting, "running": scheduler.running,
@@ -161,6 +162,19 @@ def engine_main(conn: Connection, spec: dict[str, Any]) -> None:
         _send(conn, lock, {"events": events, "left": [job.id for job in left], "state": state,
                            "metrics": scheduler.metrics.engine_state()})
 
+    def submit(m: dict[str, Any]) -> None:
+        try:
+            generation = None if m["config"] is None else GenerationConfig(**m["config"])
+            emit = emitter(m["id"], len(m["prompts"]) * m["n"])
+            job = Job(m["prompts"], generation, emit, n=m["n"], prefix_len=m["prefix_len"],
+                      prompt_top=m["prompt_top"], id=m["id"])
+        except Exception as e:  # validated by the web process already: a bug, which fails this request only
+            errors = [event_message(Event(i, error=f"{type(e).__name__}: {e}")) for i in range(len(m["prompts"]) * m["n"])]
+            report([], [[m["id"], errors]])
+            return
+        jobs[job.id] = job
+        scheduler.submit(job)
+
     def read() -> None:
         while True:
             try:
@@ -168,13 +182,7 @@ def engine_main(conn: Connection, spec: dict[str, Any]) -> None:
             except (EOFError, OSError):  # the web process is gone
                 message = {"stop": True}
             if "submit" in message:
-                m = message["submit"]
-                generation = None if m["config"] is None else GenerationConfig(**m["config"])
-                emit = emitter(m["id"], len(m["prompts"]) * m["n"])
-                job = Job(m["prompts"], generation, emit, n=m["n"], prefix_len=m["prefix_len"],
-                          prompt_top=m["prompt_top"], id=m["id"])
-                jobs[job.id] = job
-                scheduler.submit(job)
+                submit(message["submit"])
             elif "cancel" in message and message["cancel"] in jobs:
                 scheduler.cancel(jobs[message["cancel"]])
             elif "stop" in message:
@@ -217,6 +225,7 @@ class EngineProcess:
         self.release_lags: deque[int] = deque(maxlen=1024)
         self.failure: str | None = None
         self.info: ModelInfo | None = None
+        self._stopping = False  # stop() was called: the pipe's end is expected
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or CUDA state
         self._conn, child = context.Pipe()
         spec = {"config": asdict(config), "threads": torch.get_num_threads()}
@@ -248,6 +257,10 @@ class EngineProcess:
 
     def submit(self, job: Job) -> None:
         with self._lock:
+            if self.failure is not None:  # died since the app checked: the request fails as those in flight did
+                self._deliver([(job, [Event(i, error=f"the model process stopped: {self.failure}")
+                                      for i in range(len(job.prompts) * job.n)])])
+                return
             waiting = sum(not f.started for f in self._in_flight.values())
             reserved = sum(f.job.rows_needed for f in self._in_flight.values())
             if waiting >= self.max_queue and reserved + job.rows_needed > self.rows:
@@ -268,6 +281,7 @@ class EngineProcess:
 
     def stop(self) -> None:
         with self._lock:
+            self._stopping = True
             self._write({"stop": True})
         self.process.join(10)
         if self.process.is_alive():
@@ -286,6 +300,8 @@ class EngineProcess:
             try:
                 message = json.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
+                if self._stopping:
+                    return
                 self.process.join(5)
                 self._fail(f"the engine process exited (exit code {self.process.exitcode})")
                 return
@@ -340,4 +356,7 @@ class EngineProcess:
         if self.handoff is None:
             deliver()
         else:
-            self.handoff(deliver)
+            try:
+                self.handoff(deliver)
+            except RuntimeError:  # the event loop has closed: the server is shutting down, nobody is waiting
+                pass
