@@ -327,7 +327,7 @@ def drain(base: str, timeout: float = 10.0) -> None:
 class Server:
     """`python -m lmstack serve` in its own process on a free loopback port."""
 
-    def __init__(self, directory: Path, threads: int, max_len: int | None, engine: str = "process",
+    def __init__(self, directory: Path, threads: int, max_len: int | None, engine: str = "thread",
                  extra: list[str] = ()):
         """extra: more `lmstack serve` flags (benchmarks/serve_ab.py's variants; the last of a flag wins)."""
         port = free_port()
@@ -368,8 +368,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--soak", type=int, default=100, help="soak requests (default 100)")
     parser.add_argument("--full", action="store_true", help="the full soak of 1,000 requests")
-    parser.add_argument("--engine", choices=["process", "thread"], default="process",
-                        help="the server's --engine: the model in a process of its own (default) or a thread")
+    parser.add_argument("--engine", choices=["thread", "process"], default="thread",
+                        help="the server's --engine: the scheduler on a thread (default) or in a process of its own")
     parser.add_argument("--cases", nargs="+", choices=["throughput", "soak", "prefix"],
                         default=["throughput", "soak", "prefix"], help="which cases to run (default all)")
     args = parser.parse_args()

@@ -28,9 +28,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="a request that finds the pool idle waits up to this long (ms) for others arriving "
                              "with it, to prefill and decode them together (default 2; 0 = off)")
-    parser.add_argument("--engine", default="process", choices=["process", "thread"],
-                        help="run the model and scheduler in a process of their own (default; the HTTP side gets "
-                             "the other core) or on a thread of the server's process")
+    parser.add_argument("--engine", default="thread", choices=["thread", "process"],
+                        help="run the model and scheduler on a thread of the server's process (default) or in a "
+                             "process of their own, which does not share the HTTP side's GIL")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     args = parser.parse_args(argv)
     config = ServeConfig(model=args.model, adapter=args.adapter, model_name=args.model_name, host=args.host,

@@ -3,10 +3,10 @@
     GET  /health, /metrics, /v1/models, / (the chat page), /static/*
     POST /v1/completions, /v1/chat/completions   (stream: server-sent events ending in `data: [DONE]`)
 
-The model loads after the server starts, so /health and the API answer 503 until it is ready. By default it
-loads in an engine process of its own (lmstack.serve.engine), which runs the scheduler, while this process
-serves HTTP and tokenizes; with a `loader` (a model already in memory: tests, embedding) or `engine: thread`,
-the scheduler runs on a thread of this process instead.
+The model loads after the server starts, so /health and the API answer 503 until it is ready. By default the
+scheduler runs on a thread of this process; with `engine: process` (and no `loader`, which returns a model already
+in memory) the model loads in an engine process of its own (lmstack.serve.engine), which runs the scheduler, while
+this process serves HTTP and tokenizes.
 A handler validates the body (400 with OpenAI's error JSON), encodes the prompt, and submits a Job: a full
 queue answers 429. Events come back from the scheduler thread through an asyncio queue per request: the
 scheduler hands each step's events of all requests to the event loop at once (call_soon_threadsafe). A client that
@@ -52,8 +52,8 @@ class Server:
     routes share."""
 
     def __init__(self, config: ServeConfig, loader: Loader | None):
-        """loader: returns (model, tokenizer) in this process, whose scheduler then runs on a thread; None: the
-        engine process loads config.model (unless config.engine is "thread")."""
+        """loader: returns (model, tokenizer) in this process, whose scheduler then runs on a thread; None: load
+        config.model, here or (config.engine "process") in an engine process."""
         self.config, self.loader = config, loader
         self.name = config.model_name or Path(config.model).name or "model"
         self.metrics = Metrics()

@@ -22,7 +22,7 @@ class ServeConfig:
     prefix_cache: int = 4  # cached shared prefixes (system prompts); 0 = off
     compile: bool = False  # torch.compile the decode step
     batch_wait_ms: float = 2.0  # a request that finds the pool idle waits this long for others arriving with it
-    engine: str = "process"  # the model and scheduler in a process of their own, or "thread": in the web process
+    engine: str = "thread"  # the scheduler on a thread of the web process, or "process": in a process of its own
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

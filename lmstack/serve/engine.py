@@ -9,6 +9,8 @@ With the scheduler on a thread of the web process, every step of the model waite
 Python (writing chunks, parsing requests) and the other way round: one GIL for both. Here the web process
 (uvicorn, FastAPI, tokenizing prompts, formatting chunks) and the engine process (the Scheduler and its
 ContinuousBatch, detokenising as it samples, since stop strings are matched on text) run on two cores.
+It is not the default (`lmstack serve --engine process`): on a 2-core machine that other jobs keep busy, waking
+the other process every step cost more than the shared GIL did (README, section serve: the A/B).
 
 Messages are JSON over a pipe, one per scheduler pass, not per token:
     web -> engine: {"submit": job}, {"cancel": id}, {"stop": true}
