@@ -21,7 +21,7 @@ Cases (one JSON line each):
 - soak: --soak requests (default 100; --full: 1,000) of 8-64 prompt tokens and 4-24 new ones, sampled, at
   concurrency 16, 20% of clients disconnecting after their second chunk, after a warm-up on 10% of the same
   mix; then "leaked_blocks" = KV pool rows still held (goal 0), the server's outcomes, and its RSS (with its
-  engine process) after the warm-up, halfway and after the soak.
+  engine process, with --engine process) after the warm-up, halfway and after the soak.
 - prefix_cache: "prefix_cache_ttft_ratio" = median TTFT of chats whose ~580-token system prompt is new each
   time (computed) / median TTFT of chats repeating one cached system prompt (goal >= 3).
 
