@@ -1,24 +1,27 @@
 """Serving: `lmstack serve` under load, measured by a client in the style of vLLM's serving benchmark.
 
 The server runs in its own process (`python -m lmstack serve`, --max-batch 16) on loopback; this process is
-the client (asyncio on uvloop when installed + httpx, streaming completions, server-sent events split by
-hand). Model: a random llama (vocab 2048 from a BPE tokenizer trained here, width 256, 4 layers, context
+the client (asyncio on uvloop when installed, one hand-written keep-alive HTTP/1.1 connection per concurrent
+client, streaming completions, server-sent events split by hand). Model: a random llama (vocab 2048 from a BPE tokenizer trained here, width 256, 4 layers, context
 1024; 3.5M parameters), fp32 on the CPU.
 
 Cases (one JSON line each):
 - concurrency_C for C in 1, 2, 4, 8, 16: fixed concurrency, --requests-per-slot x C requests (at least 4) of
   a 32-token prompt and --max-tokens new tokens (EOS ignored). TTFT, TPOT = (E2E - TTFT) / (n_out - 1) and
   ITL (gaps between chunks), p50/p99 in ms, the aggregate output tokens/s, and the server's scheduler time
-  per decode step by phase (from /metrics). --rounds rounds of every level and the offline peer,
-  interleaved; each line is the median round, with every round's tokens/s.
+  per decode step by phase (from /metrics, scraped by the client just before its first request and after
+  its last). n_out is the server's count of completion tokens (the stream's usage chunk): a token that
+  completes no character sends no chunk of its own, so chunks undercount tokens (by ~12% on this random
+  model). --rounds rounds of every level and the offline peer, interleaved; each line is the median round,
+  with every round's tokens/s.
 - scaling: "scaling_8" = tokens/s at concurrency 8 / at 1 (goal >= 4); "vs_offline_8" = tokens/s at
   concurrency 8 / offline `lmstack.generate(model, tokenizer, 8 prompts)` in this process, the median of the
   per-round ratios (goal >= 0.8), with the peer's figures. That peer makes text, as the server must (it
   decodes each token incrementally); "vs_offline_ids_8" is against the same call without a tokenizer (ids).
 - soak: --soak requests (default 100; --full: 1,000) of 8-64 prompt tokens and 4-24 new ones, sampled, at
   concurrency 16, 20% of clients disconnecting after their second chunk, after a warm-up on 10% of the same
-  mix; then "leaked_blocks" = KV pool rows still held (goal 0), the server's outcomes, and its RSS after the
-  warm-up, halfway and after the soak.
+  mix; then "leaked_blocks" = KV pool rows still held (goal 0), the server's outcomes, and its RSS (with its
+  engine process, with --engine process) after the warm-up, halfway and after the soak.
 - prefix_cache: "prefix_cache_ttft_ratio" = median TTFT of chats whose ~580-token system prompt is new each
   time (computed) / median TTFT of chats repeating one cached system prompt (goal >= 3).
 
@@ -40,7 +43,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import torch
@@ -89,52 +94,110 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": round(pick(0.5) * 1e3, 2), "p99": round(pick(0.99) * 1e3, 2)}
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, leave_after: int | None = None) -> dict:
+class Connection:
+    """One keep-alive HTTP/1.1 connection to the server, written by hand: a streaming POST at a time, the
+    response's chunks (one per server step) as they arrive. The client shares the machine's two cores with the
+    server (the offline peer has no such neighbour), and httpx spent ~3 ms of CPU per decode step at
+    concurrency 8 (measured from /proc), a third of the model's step; this spends a fraction of that."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        self.host, self.port, self.path = parts.hostname, parts.port, parts.path.encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, body: dict) -> AsyncIterator[bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        payload = json.dumps(body).encode()
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d"
+                          b"\r\n\r\n%s" % (self.path, self.host.encode(), len(payload), payload))
+        status = int((await self.reader.readline()).split()[1])
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, value = line.decode().split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        if status != 200 or headers.get("transfer-encoding") != "chunked":
+            text = await self.reader.readexactly(int(headers.get("content-length", 0)))
+            raise RuntimeError(f"HTTP {status}: {text[:200]!r}")
+        while size := int((await self.reader.readline()).split(b";")[0], 16):
+            yield (await self.reader.readexactly(size + 2))[:-2]
+        await self.reader.readline()  # the empty line after the last chunk: the connection is ready again
+
+    def close(self) -> None:
+        """Disconnect (the server sees the client leave)."""
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def one_request(connection: Connection, body: dict, leave_after: int | None = None) -> dict:
     """Stream one request; the arrival times of its chunks. leave_after: disconnect after that many chunks.
 
-    The client reads raw bytes and splits the server-sent events itself (httpx's line decoder costs more per
-    chunk than the server spends making one): chunks that arrive in one read share its arrival time."""
-    start, times, tail = time.perf_counter(), [], b""
-    async with client.stream("POST", url, json={**body, "stream": True}) as response:
-        response.raise_for_status()
-        async for data in response.aiter_raw():
+    Server-sent events are split by hand; chunks that arrive in one read share its arrival time."""
+    start, times, tail, tokens = time.perf_counter(), [], b"", None
+    stream = connection.post({**body, "stream": True, "stream_options": {"include_usage": True}})
+    try:
+        async for data in stream:
             now = time.perf_counter()
             *events, tail = (tail + data).split(b"\n\n")
             for event in events:
                 if not event.startswith(b"data: {"):
                     continue
-                choices = json.loads(event[6:])["choices"]
+                chunk = json.loads(event[6:])
+                choices = chunk["choices"]
                 if choices and (choices[0].get("text") or choices[0].get("delta", {}).get("content")):
                     times.append(now)
+                elif not choices and chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
             if leave_after is not None and len(times) >= leave_after:
-                break  # closing the stream disconnects
+                connection.close()
+                break
+    finally:
+        await stream.aclose()
     end = time.perf_counter()
+    # Tokens, not chunks: a token that completes no character (part of a multi-byte one) sends no chunk
+    # (its text goes with the next), so chunks undercount the tokens; the usage chunk has the server's count.
     return {"ttft": times[0] - start if times else None, "e2e": end - start, "chunks": len(times),
+            "tokens": len(times) if tokens is None else tokens,
             "itl": [b - a for a, b in itertools.pairwise(times)]}
 
 
-async def run_concurrent(url: str, bodies: list[dict], concurrency: int, leave: set[int] = frozenset()) -> tuple:
-    semaphore = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def bounded(i: int, body: dict) -> dict:
-            async with semaphore:
-                return await one_request(client, url, body, 2 if i in leave else None)
+async def run_concurrent(url: str, bodies: list[dict], concurrency: int, leave: set[int] = frozenset(),
+                         counters: list | None = None) -> tuple:
+    """Every body's result and the wall time: `concurrency` clients, each with its own keep-alive connection,
+    take the bodies in turn. counters: appended the server's scheduler counters just before the first request
+    and just after the last (so that they cover the same time as the wall time)."""
+    todo = iter(enumerate(bodies))
+    results: list[dict | None] = [None] * len(bodies)
 
+    async def client() -> None:
+        connection = Connection(url)
+        for i, body in todo:
+            results[i] = await one_request(connection, body, 2 if i in leave else None)
+        connection.close()
+
+    base = url.split("/v1/")[0]
+    async with httpx.AsyncClient(timeout=60) as scraper:
+        if counters is not None:
+            counters.append(parse_counters((await scraper.get(base + "/metrics")).text))
         start = time.perf_counter()
-        results = await asyncio.gather(*(bounded(i, b) for i, b in enumerate(bodies)))
-        return results, time.perf_counter() - start
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+        if counters is not None:
+            counters.append(parse_counters((await scraper.get(base + "/metrics")).text))
+    return results, wall
 
 
 def concurrency_case(base: str, concurrency: int, args, rng: random.Random, vocab: int) -> dict:
     n = max(4, args.requests_per_slot * concurrency)
     bodies = [{"prompt": [rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)], "max_tokens": args.max_tokens,
                "ignore_eos": True, "temperature": 0} for _ in range(n)]
-    before = scheduler_counters(base)
-    results, wall = run(run_concurrent(base + "/v1/completions", bodies, concurrency))
-    scheduler = per_step(before, scheduler_counters(base))
-    out_tokens = sum(r["chunks"] for r in results)
-    tpot = [(r["e2e"] - r["ttft"]) / (r["chunks"] - 1) for r in results if r["chunks"] > 1]
+    counters: list[dict[str, float]] = []
+    results, wall = run(run_concurrent(base + "/v1/completions", bodies, concurrency, counters=counters))
+    scheduler = per_step(*counters)
+    out_tokens = sum(r["tokens"] for r in results)
+    tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1 and r["chunks"]]
     return {"case": f"concurrency_{concurrency}", "requests": n, "output_tokens": out_tokens,
             "tokens_per_s": round(out_tokens / wall, 2),
             "ttft_ms": percentiles([r["ttft"] for r in results]), "tpot_ms": percentiles(tpot),
@@ -178,10 +241,14 @@ def prefix_case(base: str, tokenizer) -> dict:
 
 
 def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (the server's engine process), MiB."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total += int(line.split()[1]) / 1024
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        total += rss_mib(int(child))
+    return total
 
 
 def gauge(base: str, name: str) -> float:
@@ -191,10 +258,10 @@ def gauge(base: str, name: str) -> float:
     raise KeyError(name)
 
 
-def scheduler_counters(base: str) -> dict[str, float]:
+def parse_counters(metrics: str) -> dict[str, float]:
     """The server's decode steps and scheduler seconds by phase (from /metrics)."""
     out = {}
-    for line in httpx.get(base + "/metrics").text.splitlines():
+    for line in metrics.splitlines():
         if line.startswith("lmstack_decode_steps_total "):
             out["steps"] = float(line.split()[1])
         elif line.startswith("lmstack_scheduler_seconds_total{"):
@@ -260,13 +327,16 @@ def drain(base: str, timeout: float = 10.0) -> None:
 class Server:
     """`python -m lmstack serve` in its own process on a free loopback port."""
 
-    def __init__(self, directory: Path, threads: int, max_len: int | None):
+    def __init__(self, directory: Path, threads: int, max_len: int | None, engine: str = "thread",
+                 extra: list[str] = ()):
+        """extra: more `lmstack serve` flags (benchmarks/serve_ab.py's variants; the last of a flag wins)."""
         port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         command = [sys.executable, "-m", "lmstack", "serve", "--model", str(directory), "--port", str(port),
-                   "--max-batch", "16", "--max-queue", "2000", "--log-level", "warning"]
-        self.process = subprocess.Popen(command + (["--max-len", str(max_len)] if max_len else []), env=env)
+                   "--max-batch", "16", "--max-queue", "2000", "--log-level", "warning", "--engine", engine]
+        command += (["--max-len", str(max_len)] if max_len else []) + list(extra)
+        self.process = subprocess.Popen(command, env=env)
         self.base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while True:
@@ -298,6 +368,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--soak", type=int, default=100, help="soak requests (default 100)")
     parser.add_argument("--full", action="store_true", help="the full soak of 1,000 requests")
+    parser.add_argument("--engine", choices=["thread", "process"], default="thread",
+                        help="the server's --engine: the scheduler on a thread (default) or in a process of its own")
     parser.add_argument("--cases", nargs="+", choices=["throughput", "soak", "prefix"],
                         default=["throughput", "soak", "prefix"], help="which cases to run (default all)")
     args = parser.parse_args()
@@ -307,8 +379,9 @@ def main() -> None:
         directory = Path(tmp) / "model"
         model, tokenizer = build_model(directory)
         vocab = tokenizer.vocab_size
-        info = machine() | {"threads": args.threads, "model_params": model.num_parameters()}
-        server = Server(directory, args.threads, args.max_len)
+        info = machine() | {"threads": args.threads, "model_params": model.num_parameters(), "engine": args.engine,
+                            "load_average": os.getloadavg()[0]}
+        server = Server(directory, args.threads, args.max_len, args.engine)
         try:
             base = server.base
             if "throughput" not in args.cases:

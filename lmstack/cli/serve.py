@@ -25,12 +25,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; then 429 (64)")
     parser.add_argument("--prefix-cache", type=int, default=4, help="shared prefixes (system prompts) kept; 0 = off")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
+                        help="a request that finds the pool idle waits up to this long (ms) for others arriving "
+                             "with it, to prefill and decode them together (default 2; 0 = off)")
+    parser.add_argument("--engine", default="thread", choices=["thread", "process"],
+                        help="run the model and scheduler on a thread of the server's process (default) or in a "
+                             "process of their own, which does not share the HTTP side's GIL")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     args = parser.parse_args(argv)
     config = ServeConfig(model=args.model, adapter=args.adapter, model_name=args.model_name, host=args.host,
                          port=args.port, api_key=args.api_key, device=args.device, max_batch=args.max_batch,
                          max_len=args.max_len, max_queue=args.max_queue, prefix_cache=args.prefix_cache,
-                         compile=args.compile)
+                         compile=args.compile, batch_wait_ms=args.batch_wait_ms,
+                         engine=args.engine)
     if not Path(config.model).is_dir():  # fail now rather than serve 503s about it
         raise CheckpointError(f"{config.model}: no such model directory (--model)")
     try:

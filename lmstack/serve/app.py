@@ -3,7 +3,10 @@
     GET  /health, /metrics, /v1/models, / (the chat page), /static/*
     POST /v1/completions, /v1/chat/completions   (stream: server-sent events ending in `data: [DONE]`)
 
-The model loads on a thread after the server starts, so /health and the API answer 503 until it is ready.
+The model loads after the server starts, so /health and the API answer 503 until it is ready. By default the
+scheduler runs on a thread of this process; with `engine: process` (and no `loader`, which returns a model already
+in memory) the model loads in an engine process of its own (lmstack.serve.engine), which runs the scheduler, while
+this process serves HTTP and tokenizes.
 A handler validates the body (400 with OpenAI's error JSON), encodes the prompt, and submits a Job: a full
 queue answers 429. Events come back from the scheduler thread through an asyncio queue per request: the
 scheduler hands each step's events of all requests to the event loop at once (call_soon_threadsafe). A client that
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from lmstack.generate.config import GenerationConfig
 from lmstack.serve import routes
 from lmstack.serve.config import ServeConfig
+from lmstack.serve.engine import EngineProcess, LoadFailed, ModelInfo, load_from_config
 from lmstack.serve.metrics import Metrics
 from lmstack.serve.protocol import APIError, Sampling
 from lmstack.serve.responses import TokenText
@@ -42,47 +47,55 @@ STATIC = resources.files("lmstack.serve") / "static"
 Loader = Callable[[], tuple[Any, Any]]
 
 
-def load_from_config(config: ServeConfig) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from the configured directory (with the adapter, when given)."""
-    from lmstack.errors import CheckpointError
-    from lmstack.interop.hf import load_model
-    from lmstack.tokenizer import Tokenizer
-
-    path = Path(config.model)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such model directory (--model)")
-    return load_model(path, device=config.device, adapter=config.adapter).eval(), Tokenizer.load(path)
-
-
 class Server:
-    """The model, tokenizer and scheduler once loaded, and what the routes share."""
+    """The tokenizer, the model's limits and the scheduler (or the engine process) once loaded, and what the
+    routes share."""
 
-    def __init__(self, config: ServeConfig, loader: Loader):
+    def __init__(self, config: ServeConfig, loader: Loader | None):
+        """loader: returns (model, tokenizer) in this process, whose scheduler then runs on a thread; None: load
+        config.model, here or (config.engine "process") in an engine process."""
         self.config, self.loader = config, loader
         self.name = config.model_name or Path(config.model).name or "model"
         self.metrics = Metrics()
-        self.scheduler: Scheduler | None = None
+        self.scheduler: Scheduler | EngineProcess | None = None
         self.load_error: str | None = None
-        self.model = self.tokenizer = None
+        self.tokenizer = None
+        self.info: ModelInfo | None = None  # the model's vocabulary, context, EOS ids and the rows' length
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, where jobs' events go
         self.created = int(time.time())
 
     def load(self) -> None:
+        handoff = self.loop.call_soon_threadsafe if self.loop else None
+        engine = None
         try:
-            self.model, self.tokenizer = self.loader()
-            context = self.model.config.max_seq_len
-            row_len = min(self.config.max_len or context, context)
-            scheduler = Scheduler(self.model, self.tokenizer, self.config.max_batch, row_len, self.config.max_queue,
-                                  self.config.prefix_cache, self.config.compile, self.metrics,
-                                  handoff=self.loop.call_soon_threadsafe if self.loop else None)
-            scheduler.start()
+            if self.loader is None and self.config.engine == "process":
+                from lmstack.tokenizer import Tokenizer
+
+                engine = EngineProcess(self.config, self.metrics, handoff)  # loads the model meanwhile
+                self.tokenizer = Tokenizer.load(self.config.model)
+                self.info = engine.wait_ready()
+                scheduler = engine
+            else:
+                model, self.tokenizer = (self.loader or (lambda: load_from_config(self.config)))()
+                context = model.config.max_seq_len
+                row_len = min(self.config.max_len or context, context)
+                scheduler = Scheduler(model, self.tokenizer, self.config.max_batch, row_len, self.config.max_queue,
+                                      self.config.prefix_cache, self.config.compile, self.metrics, handoff,
+                                      self.config.batch_wait_ms / 1e3)
+                scheduler.start()
+                self.info = ModelInfo(model.config.vocab_size, context, list(model.config.eos_token_ids), row_len)
             self.names = TokenText(self.tokenizer)
             self.scheduler = scheduler
         except Exception as e:  # shown by /health and every request
-            self.load_error = f"{type(e).__name__}: {e}"
+            self.load_error = str(e) if isinstance(e, LoadFailed) else f"{type(e).__name__}: {e}"
+            if engine is not None:
+                engine.stop()
+            if isinstance(e, LoadFailed):  # the engine's error, whose traceback is in another process
+                print(f"lmstack serve: loading the model failed: {e}", file=sys.stderr)
+                return
             raise
 
-    def ready(self) -> Scheduler:
+    def ready(self) -> Scheduler | EngineProcess:
         if self.scheduler is None:
             reason = f"loading the model failed: {self.load_error}" if self.load_error else "the model is loading"
             raise APIError(503, f"{reason}; retry shortly" if not self.load_error else reason)
@@ -97,7 +110,7 @@ class Server:
 
     # ------------------------------------------------------------------------------ prompts
     def encode(self, prompt: str | list[int], index: int) -> list[int]:
-        vocab = self.model.config.vocab_size
+        vocab = self.info.vocab_size
         ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, f"prompt {index} encodes to no tokens: give some text", "prompt")
@@ -108,7 +121,7 @@ class Server:
 
     def max_tokens(self, ids: list[int], requested: int | None, param: str) -> int:
         """The completion's length: as requested (checked against the row), or what the row has left."""
-        limit = self.scheduler.row_len if requested != 0 else self.model.config.max_seq_len
+        limit = self.info.row_len if requested != 0 else self.info.max_seq_len
         wanted = limit - len(ids) if requested is None else requested
         if len(ids) + max(wanted, 1 if requested != 0 else 0) > limit:
             asked = len(ids) + (requested or 0)
@@ -146,7 +159,7 @@ class Server:
 
     def chat_eos(self) -> list[int]:
         ids = {self.tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS} | {self.tokenizer.eos_token_id}
-        ids |= set(self.model.config.eos_token_ids)
+        ids |= set(self.info.eos_token_ids)
         return sorted(i for i in ids if i is not None)
 
     # ------------------------------------------------------------------------------ running a job
@@ -199,7 +212,7 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
-async def _cancel_on_disconnect(request: Request, scheduler: Scheduler, job: Job) -> None:
+async def _cancel_on_disconnect(request: Request, scheduler: Scheduler | EngineProcess, job: Job) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
@@ -215,8 +228,9 @@ async def _json(request: Request) -> Any:
 
 
 def create_app(config: ServeConfig, loader: Loader | None = None) -> FastAPI:
-    """The app for `config`; `loader` returns (model, tokenizer) (default: load config.model)."""
-    server = Server(config, loader or (lambda: load_from_config(config)))
+    """The app for `config`; `loader` returns (model, tokenizer) in this process (default: an engine process
+    loads config.model)."""
+    server = Server(config, loader)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -21,6 +21,8 @@ class ServeConfig:
     max_queue: int = 64  # requests that may wait for a row; past that, 429
     prefix_cache: int = 4  # cached shared prefixes (system prompts); 0 = off
     compile: bool = False  # torch.compile the decode step
+    batch_wait_ms: float = 2.0  # a request that finds the pool idle waits this long for others arriving with it
+    engine: str = "thread"  # the scheduler on a thread of the web process, or "process": in a process of its own
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -31,5 +33,9 @@ class ServeConfig:
             raise ConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
         if self.prefix_cache < 0:
             raise ConfigError(f"--prefix-cache must be >= 0 (0 = off), got {self.prefix_cache}")
+        if self.batch_wait_ms < 0:
+            raise ConfigError(f"--batch-wait-ms must be >= 0 (0 = off), got {self.batch_wait_ms}")
+        if self.engine not in ("process", "thread"):
+            raise ConfigError(f"--engine must be 'process' or 'thread', got {self.engine!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")

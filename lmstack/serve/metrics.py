@@ -52,6 +52,7 @@ class Metrics:
         # Scheduler thread time by phase: idle (nothing to run), admit (releases and prefills), step (a decode
         # step: the model, sampling, the host sync, detokenisation), dispatch (handing events to the clients)
         self.scheduler_seconds = {"idle": 0.0, "admit": 0.0, "step": 0.0, "dispatch": 0.0}
+        self.idle_since: float | None = None  # perf_counter() when the scheduler began to idle, while it does
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, the last RATE_WINDOW_S
 
     def tokens_generated(self, count: int) -> None:
@@ -65,6 +66,23 @@ class Metrics:
     def request_finished(self, outcome: str) -> None:
         with self.lock:
             self.finished[outcome] = self.finished.get(outcome, 0) + 1
+
+    # What an engine process counts and sends to the web process with each report (lmstack.serve.engine); the
+    # web process counts the rest itself: 429s, and generated tokens as their events arrive. idle_since is a
+    # perf_counter() reading: CLOCK_MONOTONIC on Linux, one clock for both processes.
+    ENGINE_FIELDS = ("finished", "prompt_tokens", "prefix_hits", "prefix_misses", "decode_steps", "kv_pool_bytes",
+                     "scheduler_seconds", "idle_since")
+
+    def engine_state(self) -> dict:
+        with self.lock:
+            state = {name: getattr(self, name) for name in self.ENGINE_FIELDS}
+            return state | {"ttft": [self.ttft.counts, self.ttft.sum, self.ttft.count]}
+
+    def load_engine_state(self, state: dict) -> None:
+        with self.lock:
+            for name in self.ENGINE_FIELDS:
+                setattr(self, name, state[name])
+            self.ttft.counts, self.ttft.sum, self.ttft.count = state["ttft"]
 
     def tokens_per_second(self) -> float:
         now = time.monotonic()
@@ -81,6 +99,9 @@ class Metrics:
 
         with self.lock:
             finished = dict(self.finished)
+            seconds = dict(self.scheduler_seconds)
+            if self.idle_since is not None:  # idling now: the wait so far
+                seconds["idle"] += max(time.perf_counter() - self.idle_since, 0.0)
             lines = (
                 metric("lmstack_requests_running", "gauge", "Requests generating in the running batch.",
                        [f"lmstack_requests_running {running}"])
@@ -107,7 +128,7 @@ class Metrics:
                          [f"lmstack_decode_steps_total {self.decode_steps}"])
                 + metric("lmstack_scheduler_seconds_total", "counter", "Scheduler thread time, by phase.",
                          [f'lmstack_scheduler_seconds_total{{phase="{k}"}} {v:.6f}'
-                          for k, v in self.scheduler_seconds.items()])
+                          for k, v in seconds.items()])
                 + metric("lmstack_time_to_first_token_seconds", "histogram",
                          "Seconds from a request's arrival to its first token.",
                          self.ttft.lines("lmstack_time_to_first_token_seconds")))

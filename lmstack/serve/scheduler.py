@@ -74,6 +74,8 @@ class Job:
     n: int = 1
     prefix_len: int = 0  # leading tokens worth caching (a system prompt); 0 = none
     prompt_top: int | None = None  # score the prompts (echo + logprobs) with this many alternatives
+    id: int = 0  # its name in messages to and from an engine process (lmstack.serve.engine)
+    release_lag: int | None = None  # cancelled while running: steps from the cancel to the release of its rows
     cancelled: bool = False
     cancelled_at_step: int = 0  # the scheduler's step count when the client left
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -108,12 +110,14 @@ class Scheduler:
 
     def __init__(self, model: CausalLM, tokenizer, rows: int, row_len: int, max_queue: int,
                  prefix_entries: int = 4, compile: bool = False, metrics: Metrics | None = None,
-                 handoff: Callable[[Callable[[], None]], None] | None = None):
+                 handoff: Callable[[Callable[[], None]], None] | None = None, batch_wait: float = 0.0):
         """handoff(fn) runs fn where the jobs' consumers live (an event loop's call_soon_threadsafe); by
-        default the scheduler thread calls `emit` itself."""
+        default the scheduler thread calls `emit` itself. batch_wait: seconds a request that finds the pool
+        idle waits for others arriving with it (`_gather_burst`); 0 = start at once."""
         self.model, self.tokenizer = model, tokenizer
         self.handoff = handoff
         self.rows, self.row_len, self.max_queue, self.compile = rows, row_len, max_queue, compile
+        self.batch_wait = batch_wait
         self.metrics = metrics or Metrics()
         self.prefixes = PrefixCache(prefix_entries)
         self.rows_used = 0  # written by the scheduler thread only
@@ -128,6 +132,10 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
+        # Called by the loop after every pass and before it idles, with the cancelled jobs released since
+        # (an engine process reports its state to the web process through it; lmstack.serve.engine).
+        self.report: Callable[[list[Job]], None] | None = None
+        self._left: list[Job] = []
 
     # ------------------------------------------------------------------------------ web side
     @property
@@ -137,6 +145,10 @@ class Scheduler:
     @property
     def running(self) -> int:
         return len(self._active)
+
+    @property
+    def prefix_entries(self) -> int:
+        return len(self.prefixes)
 
     def submit(self, job: Job) -> None:
         """Queue `job`; raise QueueFull when max_queue requests wait already and it cannot start at once."""
@@ -156,11 +168,12 @@ class Scheduler:
             job.cancelled, job.cancelled_at_step = True, self.steps
             if job in self._waiting:
                 self._waiting.remove(job)
+                self._left.append(job)
                 self.metrics.request_finished("cancelled")
             self._cond.notify()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="lmstack-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="lmstack-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -171,7 +184,8 @@ class Scheduler:
             self._thread.join()
 
     # ------------------------------------------------------------------------------ the loop
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The loop, until `stop()` (on this thread: `start()` runs it on a new one)."""
         try:
             with ContinuousBatch(self.model, self.tokenizer, self.rows, self.row_len, self.compile) as batch:
                 self.metrics.kv_pool_bytes = sum(c.k.nbytes + c.v.nbytes for c in batch.session.caches)
@@ -180,10 +194,18 @@ class Scheduler:
                     t0 = time.perf_counter()
                     with self._cond:
                         while not (self._stopping or self._waiting or self._active):
+                            # Idle from t0 on: a /metrics scrape now counts the wait so far (idle_since), so
+                            # that the idle time between two scrapes is the idle time within them.
+                            self.metrics.idle_since = t0
+                            self._report()
                             self._cond.wait()
+                        if not self._active and self.batch_wait > 0:
+                            self._gather_burst()
                         if self._stopping:
                             break
                     t1 = time.perf_counter()
+                    clock["idle"] += t1 - t0
+                    self.metrics.idle_since = None
                     self._release_cancelled(batch)
                     self._admit(batch)
                     t2 = time.perf_counter()
@@ -197,8 +219,8 @@ class Scheduler:
                     else:
                         t3 = t2
                     self._flush()
+                    self._report()
                     clock["dispatch"] += time.perf_counter() - t3
-                    clock["idle"] += t1 - t0
                     clock["admit"] += t2 - t1
         except BaseException as e:  # a bug: fail every job rather than hang its client
             self.failure = e
@@ -208,6 +230,26 @@ class Scheduler:
                     self._send(job, Event(i, error=f"the scheduler stopped: {type(e).__name__}: {e}"))
             self._flush()
             raise
+
+    def _gather_burst(self) -> None:
+        """The pool is idle and a request came (holding self._cond): wait while more keep coming, each within
+        batch_wait of the last and 4 x batch_wait in all, until they would fill the pool. Clients that start
+        together (a burst, or closed-loop clients whose requests ended in the same step) then share one prefill
+        and decode in step, instead of the first one's rows running a step or two ahead, alone, and finishing
+        alone. Triton's dynamic batcher has the same knob (max_queue_delay); a lone request pays up to
+        batch_wait in time to first token."""
+        deadline = time.perf_counter() + 4 * self.batch_wait
+        seen = len(self._waiting)
+        while not self._stopping and sum(job.rows_needed for job in self._waiting) < self.rows:
+            remaining = min(self.batch_wait, deadline - time.perf_counter())
+            if remaining <= 0 or not self._cond.wait(remaining) or len(self._waiting) == seen:
+                return
+            seen = len(self._waiting)
+
+    def _report(self) -> None:
+        if self.report is not None:
+            left, self._left = self._left, []
+            self.report(left)
 
     def _send(self, job: Job, event: Event) -> None:
         """Queue `event` for `job`; `_flush` hands everything queued over at once."""
@@ -234,7 +276,9 @@ class Scheduler:
                 batch.release(row)
                 del self._owner[row]
             self._active.remove(job)
-            self.release_lags.append(self.steps - job.cancelled_at_step)
+            self._left.append(job)
+            job.release_lag = self.steps - job.cancelled_at_step
+            self.release_lags.append(job.release_lag)
             self.metrics.request_finished("cancelled")
         self.rows_used = self.rows - len(batch.free_rows)
 

@@ -60,7 +60,7 @@ def test_prefix_cache_reuses_a_system_prompt(start_server, tiny):
         assert got == expected
     metrics = httpx.get(live.url + "/metrics").text
     assert "lmstack_prefix_cache_hits_total 2" in metrics and "lmstack_prefix_cache_misses_total 1" in metrics
-    assert len(live.scheduler.prefixes) == 1
+    assert live.scheduler.prefix_entries == 1
 
 
 def test_metrics_are_prometheus_text_with_the_counts(start_server, tiny):
@@ -225,3 +225,35 @@ def test_one_hand_off_per_step_whatever_the_number_of_requests(tiny):
     scheduler.stop()
     assert scheduler.steps == 5 and len(handoffs) == 5
     assert all(len([e for e in events if e.token_id is not None]) == 5 for events in received.values())
+
+
+def test_requests_arriving_together_at_an_idle_pool_start_in_one_step(tiny):
+    """With batch_wait, a request that finds the pool idle waits for one arriving a few ms later: both get their
+    first token in the same step (one prefill), so they decode in step and finish together."""
+    import threading
+
+    from lmstack.generate.config import GenerationConfig
+    from lmstack.serve.scheduler import Job, Scheduler
+
+    model, tok = tiny
+    scheduler = Scheduler(model, tok, rows=4, row_len=64, max_queue=8, batch_wait=0.2)
+    first_step: dict[int, int] = {}
+    finished = threading.Semaphore(0)
+
+    def emit_for(k):
+        def emit(events):  # called on the scheduler thread (no handoff): its step count is this step's
+            if any(e.token_id is not None for e in events):
+                first_step.setdefault(k, scheduler.steps)
+            if any(e.done is not None for e in events):
+                finished.release()
+        return emit
+
+    config = GenerationConfig(max_new_tokens=4, temperature=0, ignore_eos=True)
+    scheduler.start()
+    scheduler.submit(Job([[5, 6, 7]], config, emit_for(0)))
+    time.sleep(0.02)
+    scheduler.submit(Job([[8, 6, 7]], config, emit_for(1)))
+    for _ in range(2):
+        assert finished.acquire(timeout=30)
+    scheduler.stop()
+    assert first_step[0] == first_step[1] and scheduler.steps == 4
