@@ -1,0 +1,71 @@
+"""The int4 linear's kernels (lmstack.quant.linear.IntLinear, kernel "int4") against dequantize-then-matmul:
+eager (torch's packed op) and inside a frozen compiled graph (inductor's weight-only-int4 GEMM template where
+the CPU has it, else the opaque op), at one row and several, for groups of 32 / 64 / 128 and output sizes that
+are not a multiple of 64 (padded for the template, sliced off the output).
+
+The reference is the input rounded as the kernel takes it (bf16 where the CPU has native bf16) times the
+dequantized weight in fp32. Tolerance: the kernels round products / outputs to bf16 (8 bits of mantissa), so
+relative 2e-2 of the output's scale; fp32 activations (no native bf16) get 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lmstack.generate.compiled import FROZEN_CPU_INDUCTOR
+from lmstack.quant.formats import quantize_rtn
+from lmstack.quant.linear import INT4_TEMPLATE, INT4_TEMPLATE_GROUPS, KERNEL_DTYPE, IntLinear
+
+# (N, K, group): N never a multiple of 64; K = 96 is not one either (groups of 64 / 128 force K to be)
+CASES = [(100, 96, 32), (72, 192, 64), (136, 384, 128)]
+TOL = 2e-2 if KERNEL_DTYPE == torch.bfloat16 else 1e-4
+
+
+def layer_and_reference(N: int, K: int, group: int) -> tuple[IntLinear, torch.Tensor]:
+    w = torch.randn(N, K) * 0.05
+    q = quantize_rtn(w, 4, group, symmetric=False)
+    return IntLinear.from_weight(q), q.dequantize()
+
+
+def expected(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.to(KERNEL_DTYPE).float() @ w.t()
+
+
+def assert_close_to(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y, ref, rtol=TOL, atol=TOL * scale)
+
+
+@pytest.mark.parametrize("N,K,group", CASES, ids=[f"{n}x{k}g{g}" for n, k, g in CASES])
+def test_int4_eager_equals_dequantized_matmul(N, K, group):
+    layer, w = layer_and_reference(N, K, group)
+    assert layer.kernel == "int4"
+    assert layer.int4_lowered == (INT4_TEMPLATE and group in INT4_TEMPLATE_GROUPS)
+    for x in (torch.randn(1, 1, K), torch.randn(2, 5, K)):  # M = 1 (a decode step) and M = 10
+        assert_close_to(layer(x), expected(x, w))
+
+
+@pytest.mark.slow  # one inductor compilation with autotuning: ~30-60 s on 2 shared cores
+def test_int4_compiled_equals_dequantized_matmul():
+    """All cases in one frozen graph (one compilation), at M = 1 and M = 6 in the same call; with the template,
+    inductor lowered every int4 matmul itself: the opaque op is not called from the generated code."""
+    layers, weights = zip(*(layer_and_reference(*case) for case in CASES))
+    holder = nn.ModuleList(layers).eval()
+    xs = [(torch.randn(1, K), torch.randn(6, K)) for _, K, _ in CASES]
+
+    def forward(mods: nn.ModuleList, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        return [m(x) for m, pair in zip(mods, inputs) for x in pair]
+
+    step = torch.compile(forward, fullgraph=True, dynamic=False)
+    from torch._inductor.utils import run_and_get_code
+
+    with torch.no_grad(), torch._inductor.config.patch(FROZEN_CPU_INDUCTOR):
+        outputs, code = run_and_get_code(step, holder, xs)
+    references = [expected(x, w) for w, pair in zip(weights, xs) for x in pair]
+    for y, ref in zip(outputs, references):
+        assert_close_to(y, ref)
+    source = "\n".join(code)
+    assert ("int4_weight_mm" in source) == (not INT4_TEMPLATE)
