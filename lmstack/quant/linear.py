@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.device import cpu_has_native_bf16
-from lmstack.quant import int4_gemv
 from lmstack.quant.formats import IntWeight, pack, unpack
 from lmstack.quant.nf4 import NF4Weight
 
@@ -115,7 +114,7 @@ class IntLinear(nn.Module):
     def _build_kernel(self) -> None:
         """Derive the CPU kernel's packing from the stored codes (after construction or loading)."""
         self.kernel, self.int4_lowered = "dequantize", False
-        for name in ("w_int8", "kernel_scales", "w_int4", "scales_and_zeros", "gemv_packed", "gemv_scales"):
+        for name in ("w_int8", "kernel_scales", "w_int4", "scales_and_zeros"):
             self.register_buffer(name, None, persistent=False)
         if self.qweight.device.type != "cpu":
             return
@@ -136,9 +135,6 @@ class IntLinear(nn.Module):
             sz = torch.stack([scales, m], -1).transpose(0, 1).contiguous()  # (G, N + pad, 2)
             self.scales_and_zeros = sz.to(KERNEL_DTYPE)
             self.kernel = "int4"
-            if int4_gemv.available():  # decode steps (a few rows): lmstack.quant.int4_gemv
-                self.gemv_packed, self.gemv_scales = int4_gemv.pack(unpack(self.qweight, 4, self.in_features),
-                                                                    self.scales, self.zeros, self.group_size)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -149,12 +145,7 @@ class IntLinear(nn.Module):
         if self.kernel == "dequantize" or x.dtype != torch.float32 or x.device.type != "cpu":
             w = self.int_weight().dequantize(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-        flat = x.reshape(-1, self.in_features)  # (M, K)
-        if self.gemv_packed is not None and flat.shape[0] <= int4_gemv.MAX_ROWS and not x.requires_grad:
-            y = int4_gemv.int4_gemv(flat, self.gemv_packed, self.gemv_scales, self.group_size, self.out_features)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        flat = flat.to(KERNEL_DTYPE)
+        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (M, K)
         if self.kernel == "int8" and torch.compiler.is_compiling():
             # Inside a compiled decode step inductor lowers the aten op itself, to its C++ weight-only-int8 GEMM
             # template (AVX-512 / AMX micro-kernels, the frozen weights pre-packed): faster than the opaque call.
