@@ -14,7 +14,8 @@ lmstack.quant (int8: RTN symmetric per output channel, `_weight_int8pack_mm`; in
 1376 = 43 x 32, `_weight_int4pack_mm_for_cpu`; the tied head quantized the same way as its own copy, since a
 decode step reads all of it, while the embedding stays fp32: a lookup reads one row), decoded the way the
 fp32 batch-1 figure was (compiled unless --no-compile; compiled, inductor lowers the int8 op to its own C++
-weight-only-int8 GEMM). "int8_ratio_vs_fp32" / "int4_ratio_vs_fp32" are
+weight-only-int8 GEMM, and the int4 op to its C++ weight-only-int4 GEMM where the CPU has AVX-512 and bf16,
+"int4_compiled_kernel" saying which ran). "int8_ratio_vs_fp32" / "int4_ratio_vs_fp32" are
 decode tokens/s over that fp32 figure, "..._prefill_ratio_vs_fp32" prefill time fp32 over quantized
 (above 1: faster). --no-quant skips them; the 1-minute load average before and after is printed, since
 the shared machine's figures swing with it.
@@ -38,7 +39,7 @@ import torch
 import lmstack
 from lmstack.config import ModelConfig
 from lmstack.quant.apply import QuantConfig, quantize_model
-from lmstack.quant.linear import KERNEL_DTYPE
+from lmstack.quant.linear import INT4_TEMPLATE, KERNEL_DTYPE
 from timing import best_seconds  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 CONFIG = dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376,
@@ -153,6 +154,8 @@ def quantized_runs(fp32: lmstack.Transformer, ids: torch.Tensor, compile: bool, 
         reference = lmstack_run(fp32, ids[:1], compile, repeats)
     result["quant_reference"] = "fp32 " + ("compiled" if compile else "eager") + ", batch 1"
     result["kernel_activation_dtype"] = str(KERNEL_DTYPE).removeprefix("torch.")
+    if compile:
+        result["int4_compiled_kernel"] = "inductor C++ int4 template" if INT4_TEMPLATE else "aten op, opaque"
     for name, cfg in {"int8": QuantConfig("rtn", 8, None, symmetric=True, include_head=True),
                       "int4": QuantConfig("rtn", 4, 32, include_head=True)}.items():
         model = copy.deepcopy(fp32)
