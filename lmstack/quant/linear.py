@@ -128,8 +128,10 @@ class IntLinear(nn.Module):
             m = (8 - self.zeros.float()) * self.scales
             scales, codes = self.scales, codes.int()
             self.int4_lowered = INT4_TEMPLATE and self.group_size in INT4_TEMPLATE_GROUPS
-            pad = -self.out_features % INT4_TEMPLATE_N if self.int4_lowered else 0
-            if pad:  # rows of zero weight (scale 0, offset 0) up to the template's multiple; sliced off the output
+            # torch's packing needs a multiple of 16 rows, the template 64: rows of zero weight (scale 0, offset 0)
+            # up to that, sliced off the output
+            pad = -self.out_features % (INT4_TEMPLATE_N if self.int4_lowered else 16)
+            if pad:
                 codes, scales, m = (F.pad(t, (0, 0, 0, pad)) for t in (codes, scales, m))
             self.w_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             sz = torch.stack([scales, m], -1).transpose(0, 1).contiguous()  # (G, N + pad, 2)
