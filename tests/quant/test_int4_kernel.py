@@ -93,3 +93,15 @@ def test_padded_kernel_form_is_not_saved_and_is_rebuilt_on_load(template):
     assert loaded.int4_lowered == layer.int4_lowered and torch.equal(loaded.w_int4, layer.w_int4)
     x = torch.randn(3, 96)
     assert torch.equal(loaded(x), layer(x))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, None)], ids=["int4", "int8"])
+def test_an_input_that_requires_grad_gets_its_gradient(bits, group):
+    """The packed kernels have no backward; an input that requires grad (an adapter trained over a quantized base)
+    goes through dequantize-then-matmul, so its gradient is the dequantized weight's."""
+    q = quantize_rtn(torch.randn(100, 96) * 0.05, bits, group, symmetric=group is None)
+    layer = IntLinear.from_weight(q)
+    assert layer.kernel == ("int4" if bits == 4 else "int8")
+    x = torch.randn(2, 96, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, q.dequantize().sum(0).expand(2, 96))
