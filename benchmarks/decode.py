@@ -14,9 +14,11 @@ lmstack.quant (int8: RTN symmetric per output channel, `_weight_int8pack_mm`; in
 1376 = 43 x 32, `_weight_int4pack_mm_for_cpu`; the tied head quantized the same way as its own copy, since a
 decode step reads all of it, while the embedding stays fp32: a lookup reads one row), decoded the way the
 fp32 batch-1 figure was (compiled unless --no-compile; compiled, inductor lowers the int8 op to its own C++
-weight-only-int8 GEMM). "int8_ratio_vs_fp32" / "int4_ratio_vs_fp32" are
-decode tokens/s over that fp32 figure, "..._prefill_ratio_vs_fp32" prefill time fp32 over quantized
-(above 1: faster). --no-quant skips them; the 1-minute load average before and after is printed, since
+weight-only-int8 GEMM, and the int4 op to its C++ weight-only-int4 GEMM where the CPU has AVX-512 and bf16,
+"int4_compiled_kernel" saying which ran). fp32, int8 and int4 are timed interleaved (all compiled first, then
+--repeats rounds of the three in turn, best of each; the fp32 figure of those rounds is "fp32_interleaved").
+"int8_ratio_vs_fp32" / "int4_ratio_vs_fp32" are decode tokens/s over that fp32 figure,
+"..._prefill_ratio_vs_fp32" prefill time fp32 over quantized (above 1: faster). --no-quant skips them; the 1-minute load average before and after is printed, since
 the shared machine's figures swing with it.
 
 Prints exactly one JSON line.
@@ -38,7 +40,7 @@ import torch
 import lmstack
 from lmstack.config import ModelConfig
 from lmstack.quant.apply import QuantConfig, quantize_model
-from lmstack.quant.linear import KERNEL_DTYPE
+from lmstack.quant.linear import INT4_TEMPLATE, KERNEL_DTYPE
 from timing import best_seconds  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 CONFIG = dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376,
@@ -88,6 +90,13 @@ def lmstack_run(model: lmstack.Transformer, ids: torch.Tensor, compile: bool, re
     B = ids.shape[0]
     return {"tok_s": B * NEW / seconds, "prefill_ms": stats.prefill_s * 1e3, "decode_tok_s": stats.decode_tokens_per_s,
             "first_call_s": first_call_s}
+
+
+def timed_run(model: lmstack.Transformer, ids: torch.Tensor, compile: bool) -> tuple[float, object]:
+    """One generate call: (seconds, its GenerationStats)."""
+    start = time.perf_counter()
+    out = lmstack.generate(model, None, ids, max_new_tokens=NEW, ignore_eos=True, compile=compile)
+    return time.perf_counter() - start, out.stats
 
 
 def main() -> None:
@@ -147,22 +156,36 @@ def main() -> None:
 
 def quantized_runs(fp32: lmstack.Transformer, ids: torch.Tensor, compile: bool, repeats: int,
                    result: dict[str, object]) -> None:
-    """int8 and int4 weight-only decode at batch 1, each against fp32 decoded the same way in this run."""
-    reference = result.get("batch1", {}).get("compiled" if compile else "eager")
-    if reference is None or ids.shape[0] != 1:  # batch 1 was not among --batches: measure fp32 here
-        reference = lmstack_run(fp32, ids[:1], compile, repeats)
-    result["quant_reference"] = "fp32 " + ("compiled" if compile else "eager") + ", batch 1"
+    """int8 and int4 weight-only decode at batch 1, each against fp32 decoded the same way, timed interleaved: every
+    model warmed up (compiled) first, then `repeats` rounds of fp32, int8, int4 in turn, best of each, so that a
+    change of load on a shared machine falls on all three alike (run one after another, the ratios moved by 1.5x
+    with the load between runs)."""
+    ids = ids[:1]
+    result["quant_reference"] = "fp32 " + ("compiled" if compile else "eager") + ", batch 1, interleaved"
     result["kernel_activation_dtype"] = str(KERNEL_DTYPE).removeprefix("torch.")
+    if compile:
+        result["int4_compiled_kernel"] = "inductor C++ int4 template" if INT4_TEMPLATE else "aten op, opaque"
+    models, sizes = {"fp32": fp32}, {}
     for name, cfg in {"int8": QuantConfig("rtn", 8, None, symmetric=True, include_head=True),
                       "int4": QuantConfig("rtn", 4, 32, include_head=True)}.items():
-        model = copy.deepcopy(fp32)
-        report = quantize_model(model, cfg)
-        measured = lmstack_run(model, ids[:1], compile, repeats)
+        models[name] = copy.deepcopy(fp32)
+        sizes[name] = quantize_model(models[name], cfg).bytes_per_parameter
+    first_call = {name: timed_run(model, ids, compile)[0] for name, model in models.items()}  # warm-up, compile
+    runs: dict[str, dict[str, float]] = {}
+    for _ in range(repeats):
+        for name, model in models.items():
+            seconds, stats = timed_run(model, ids, compile)
+            if name not in runs or stats.decode_tokens_per_s > runs[name]["decode_tok_s"]:
+                runs[name] = {"tok_s": NEW / seconds, "prefill_ms": stats.prefill_s * 1e3,
+                              "decode_tok_s": stats.decode_tokens_per_s, "first_call_s": first_call[name]}
+    reference = runs["fp32"]
+    result["fp32_interleaved"] = {k: round(reference[k], 1) for k in ("decode_tok_s", "prefill_ms")}
+    for name in ("int8", "int4"):
+        measured = runs[name]
         result[name] = {**{k: round(v, 1) for k, v in measured.items()},
-                        "bytes_per_parameter": round(report.bytes_per_parameter, 3)}
+                        "bytes_per_parameter": round(sizes[name], 3)}
         result[f"{name}_ratio_vs_fp32"] = round(measured["decode_tok_s"] / reference["decode_tok_s"], 2)
         result[f"{name}_prefill_ratio_vs_fp32"] = round(reference["prefill_ms"] / measured["prefill_ms"], 2)
-        del model
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@
   (any zero points). On a CPU with native bf16 (AVX-512 BF16 / AMX) the activations go into those
   kernels as bf16: torch 2.13's fp32-activation versions are scalar loops, measured 100-300x slower
   than the bf16 ones here (1024 x 1024 int4: 36 ms vs 0.11 ms), while rounding the activations to
-  bf16 (8 bits of mantissa) costs far less accuracy than the 4- or 8-bit weights already do. The
-  kernels are wrapped as opaque custom ops, so a compiled decode step (lmstack.generate.compiled,
-  which freezes buffers into constants) calls them as they are. Other formats (int3, int8 in groups)
-  dequantize the weight and call F.linear.
+  bf16 (8 bits of mantissa) costs far less accuracy than the 4- or 8-bit weights already do. Eager, the
+  kernels run as opaque custom ops. Inside a compiled decode step (lmstack.generate.compiled, which
+  freezes buffers into constants) inductor lowers both aten ops to its own C++ weight-only GEMM
+  templates where they apply (int8: always; int4: AVX-512, bf16, groups of 32-128, N padded to a
+  multiple of 64), which at batch 1 run several times faster than the ops' own kernels; elsewhere the
+  opaque op is called as it is. Other formats (int3, int8 in groups) dequantize the weight and call F.linear.
 - `NF4Linear`: NF4 / FP4 (bitsandbytes' layout, lmstack.quant.nf4), dequantized per call; QLoRA's base.
 - `Int8DynamicLinear`: W8A8 (SmoothQuant, dynamic quantization): int8 per-channel weights, activations
   quantized per token at run time, an int8 x int8 -> int32 GEMM (`torch._int_mm`) and one rescale.
@@ -34,33 +36,48 @@ _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 # The activation dtype the packed kernels take (see the module docstring); decided once per process.
 KERNEL_DTYPE = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+# Inside a compiled decode step inductor can lower the int4 op to its own C++ weight-only-int4 GEMM template
+# (torch/_inductor/codegen/cpp_micro_gemm.py: AVX-512 micro-kernels, bf16 activations, groups of 32/64/128,
+# N a multiple of 64), measured 4x faster than the op's own kernel at batch 1 here. Where it cannot, the op stays
+# the opaque call (with the C++ template as the only GEMM backend a lowering with no choice fails to compile).
+INT4_TEMPLATE_GROUPS = (32, 64, 128)
+INT4_TEMPLATE_N = 64
+INT4_TEMPLATE = KERNEL_DTYPE == torch.bfloat16 and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-# The packed kernels as opaque custom ops: inductor then calls them as they are inside a compiled decode
-# step, instead of lowering them into its GEMM autotuning (which, limited to the C++ template backend as
-# lmstack.generate.compiled sets it, finds no choice for the int4 op and fails to compile).
-@torch.library.custom_op("lmstack::int8_weight_mm", mutates_args=())
-def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ (weight (N, K) int8 * scales (N,))^T -> (M, N), in x's dtype (fp32 or bf16, as the scales)."""
-    return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
+# The packed kernels as opaque ops: inductor then calls them as they are inside a compiled graph where its own
+# templates do not apply (see INT4_TEMPLATE), instead of lowering them into a GEMM autotuning with no choice.
+# Plain library ops rather than @torch.library.custom_op: ~60 calls a token, and custom_op's Python dispatch cost
+# 10% of eager int4 decode here (69.6 vs 76.6 tokens/s at one thread). They have no autograd: IntLinear sends
+# inputs that require grad through dequantize-then-matmul.
+_OPS = torch.library.Library("lmstack", "FRAGMENT")
+_OPS.define("int8_weight_mm(Tensor x, Tensor weight, Tensor scales) -> Tensor")
+_OPS.define("int4_weight_mm(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor")
+_OPS.impl("int8_weight_mm", lambda x, weight, scales: torch.ops.aten._weight_int8pack_mm(x, weight, scales), "CPU")
+_OPS.impl("int4_weight_mm", lambda x, packed, group_size, scales_and_zeros:
+          torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros), "CPU")
 
 
-@int8_weight_mm.register_fake
+@torch.library.register_fake("lmstack::int8_weight_mm")
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("lmstack::int4_weight_mm", mutates_args=())
+@torch.library.register_fake("lmstack::int4_weight_mm")
+def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (weight (N, K) int8 * scales (N,))^T -> (M, N), in x's dtype (fp32 or bf16, as the scales)."""
+    return torch.ops.lmstack.int8_weight_mm(x, weight, scales)
+
+
 def int4_weight_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int,
                    scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ W^T, W from torch's CPU int4 packing: (N, K/2) uint8 and (K/group, N, 2) scales / offsets
     (in x's dtype)."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
-
-
-@int4_weight_mm.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], packed.shape[0])
+    return torch.ops.lmstack.int4_weight_mm(x, packed, group_size, scales_and_zeros)
 
 
 def _bias_buffer(module: nn.Module, bias: torch.Tensor | None) -> None:
@@ -104,7 +121,7 @@ class IntLinear(nn.Module):
 
     def _build_kernel(self) -> None:
         """Derive the CPU kernel's packing from the stored codes (after construction or loading)."""
-        self.kernel = "dequantize"
+        self.kernel, self.int4_lowered = "dequantize", False
         for name in ("w_int8", "kernel_scales", "w_int4", "scales_and_zeros"):
             self.register_buffer(name, None, persistent=False)
         if self.qweight.device.type != "cpu":
@@ -116,9 +133,16 @@ class IntLinear(nn.Module):
             self.kernel = "int8"
         elif self.bits == 4 and self.group_size in INT4_KERNEL_GROUPS and _HAS_INT4_KERNEL:
             # The kernel computes (q - 8) * s + m per group, so m = (8 - z) * s.
-            self.w_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
             m = (8 - self.zeros.float()) * self.scales
-            sz = torch.stack([self.scales, m], -1).transpose(0, 1).contiguous()  # (G, N, 2)
+            scales, codes = self.scales, codes.int()
+            self.int4_lowered = INT4_TEMPLATE and self.group_size in INT4_TEMPLATE_GROUPS
+            # torch's packing needs a multiple of 16 rows, the template 64: rows of zero weight (scale 0, offset 0)
+            # up to that, sliced off the output
+            pad = -self.out_features % (INT4_TEMPLATE_N if self.int4_lowered else 16)
+            if pad:
+                codes, scales, m = (F.pad(t, (0, 0, 0, pad)) for t in (codes, scales, m))
+            self.w_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            sz = torch.stack([scales, m], -1).transpose(0, 1).contiguous()  # (G, N + pad, 2)
             self.scales_and_zeros = sz.to(KERNEL_DTYPE)
             self.kernel = "int4"
 
@@ -128,7 +152,7 @@ class IntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N)."""
-        if self.kernel == "dequantize" or x.dtype != torch.float32 or x.device.type != "cpu":
+        if self.kernel == "dequantize" or x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad:
             w = self.int_weight().dequantize(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (M, K)
@@ -138,9 +162,11 @@ class IntLinear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(flat, self.w_int8, self.kernel_scales)
         elif self.kernel == "int8":
             y = int8_weight_mm(flat, self.w_int8, self.kernel_scales)
+        elif self.int4_lowered and torch.compiler.is_compiling():
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.w_int4, self.group_size, self.scales_and_zeros)
         else:
             y = int4_weight_mm(flat, self.w_int4, self.group_size, self.scales_and_zeros)
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        y = y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:
