@@ -165,3 +165,29 @@ def test_a_chatml_run_gives_the_two_markers_their_own_rows(tmp_path, method):
     with torch.no_grad():
         logits = model(torch.tensor([[start, 5, 6, end, 7]]))
     assert not torch.equal(logits[..., start], logits[..., end])
+
+
+@pytest.mark.parametrize("method,saved", [("ia3", ["embed_tokens"]), ("prompt", ["embed_tokens", "lm_head"]),
+                                          ("prefix", ["embed_tokens"])])
+def test_a_peft_adapter_with_modules_to_save_loads_with_peft_logits(bases, tmp_path, method, saved):
+    """peft's side of the same rules, on a tied base: a tied head does not follow an embed_tokens copy, and prompt
+    tuning's input never reads one."""
+    directory = bases[True]
+    if method == "ia3":
+        cfg = peft.IA3Config(task_type="CAUSAL_LM", modules_to_save=saved)
+    elif method == "prompt":
+        cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, modules_to_save=saved)
+    else:
+        cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, modules_to_save=saved)
+    adapted = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(directory), cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "modules_to_save" in name or "ia3_l" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=g))
+    adapted.save_pretrained(tmp_path / "a")
+    x = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theirs = adapted(x).logits
+        ours = lmstack.load_model(directory, adapter=tmp_path / "a").eval()(x)
+    torch.testing.assert_close(ours, theirs[:, P:] if method == "prompt" else theirs, atol=1e-5, rtol=1e-5)
