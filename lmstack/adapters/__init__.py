@@ -31,6 +31,7 @@ from lmstack.adapters.inject import (
                                      has_adapters,
                                      is_adapter_parameter,
                                      merge_adapters,
+                                     train_new_rows,
                                      unload,
                                      unmerge_adapters,
 )
@@ -44,4 +45,5 @@ __all__ = ["AdapterStore", "BottleneckAdapter", "BottleneckConfig", "IA3Config",
            "ModulesToSave", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "TrainableTokens", "adapters",
            "apply_bottleneck", "apply_ia3", "apply_lora", "apply_p_tuning", "apply_prefix_tuning", "apply_prompt_tuning",
            "disable_adapters", "has_adapters", "is_adapter_dir", "is_adapter_parameter", "load_adapter",
-           "merge_adapters", "read_adapter", "resize_vocab", "save_adapter", "unload", "unmerge_adapters"]
+           "merge_adapters", "read_adapter", "resize_vocab", "save_adapter", "train_new_rows", "unload",
+           "unmerge_adapters"]

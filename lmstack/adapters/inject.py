@@ -116,6 +116,19 @@ def wrap_trainable_tokens(model: nn.Module, indices: list[int]) -> None:
     model.lm_head = TrainableTokens(model.lm_head, indices, shared)
 
 
+def train_new_rows(model: nn.Module, ids: list[int], *, head_only: bool = False) -> None:
+    """Make the rows of tokens a run added (mean-initialised by resize_vocab) train beside a method that trains no
+    rows (IA3, bottleneck, prompt / P- / prefix tuning): without this, two new tokens keep equal rows, so a tied
+    model gives them equal logits and can never emit the higher id (ChatML's <|im_end|>: it never stops).
+
+    head_only: only the head's rows (its own delta, even when tied), for prompt and P-tuning, whose peft forward
+    embeds the input with the base embedding, so trained input rows could not be carried to peft."""
+    if head_only:
+        model.lm_head = TrainableTokens(model.lm_head, ids)
+    else:
+        wrap_trainable_tokens(model, ids)
+
+
 def _listed(names: list[str], entries: list[str]) -> bool:
     return any(n == e or n.endswith("." + e) for n in names for e in entries)
 
@@ -220,5 +233,5 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 __all__ = ["adapters", "apply_bottleneck", "apply_ia3", "apply_lora", "bottleneck_targets", "disable_adapters", "has_adapters", "is_adapter_parameter", "linear_modules",
-           "merge_adapters", "set_module", "unload", "unmerge_adapters", "wrap_modules_to_save",
+           "merge_adapters", "set_module", "train_new_rows", "unload", "unmerge_adapters", "wrap_modules_to_save",
            "wrap_trainable_tokens"]

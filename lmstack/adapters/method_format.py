@@ -8,6 +8,14 @@ adapter's `peft_type`.
     IA3                       base_model.model.<module>.ia3_l: (out, 1), or (1, in) for a feed-forward module
     LMSTACK_BOTTLENECK        base_model.model.<lmstack module>.adapter_{down,up}.{weight,bias}
 
+New tokens' rows (a run that added special tokens trains them, lmstack.adapters.inject.train_new_rows) go out as
+peft's `modules_to_save`: the whole trained matrix under `<prefix><Hugging Face module>.weight`, the prefix being
+what peft's get_peft_model_state_dict writes for the method: `base_model.` for prompt / P-tuning / prefix tuning
+(the PeftModel's base_model is the transformers model itself), `base_model.model.` for IA3 and bottleneck (a tuner
+model wraps it). A tied head is written as its own `lm_head` entry: peft's tied head keeps reading the original
+embedding, not the modules_to_save copy. Prompt and P-tuning train (and write) only the head's rows: peft's forward
+for those methods embeds the input with the base embedding, never with a modules_to_save copy.
+
 An adapter's `adapter_config.json` and its tensors must agree: a file whose tensors belong to another method is
 refused with both named.
 """
@@ -23,8 +31,9 @@ from torch import nn
 from lmstack.adapters.bottleneck import PEFT_TYPE as BOTTLENECK
 from lmstack.adapters.bottleneck import BottleneckAdapter
 from lmstack.adapters.ia3 import IA3Linear
-from lmstack.adapters.inject import set_module
+from lmstack.adapters.inject import adapters, set_module, wrap_modules_to_save
 from lmstack.adapters.lora import LoraLinear
+from lmstack.adapters.modules import ModulesToSave, TrainableTokens
 from lmstack.adapters.names import fused_conv1d, hf_module, lmstack_modules
 from lmstack.adapters.prefix import PrefixTuning
 from lmstack.adapters.prompt import KVPrefix, PromptTuning
@@ -70,6 +79,34 @@ def check_tensors_match(kind: str, tensors: dict[str, torch.Tensor], where: Path
 def method_tensors(model: nn.Module, kind: str, values: dict[str, torch.Tensor]
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, adapter_config.json fields) of a non-LoRA adapter. `values`: lmstack parameter name -> tensor."""
+    tensors, fields = _method_tensors(model, kind, values)
+    rows, saved = _row_tensors(model, kind, values)
+    fields["modules_to_save"] = saved or None
+    return {**tensors, **rows}, fields
+
+
+def _row_tensors(model: nn.Module, kind: str, values: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """The embedding / head matrices with their trained rows, as peft's modules_to_save keys, and the entries."""
+    prefix = "base_model." if kind in PROMPT_TYPES else PREFIX
+    canonical = {id(p): n for n, p in model.named_parameters()}  # a tied head's delta is the embedding's
+    tensors, saved = {}, []
+    for name, module in adapters(model):
+        if isinstance(module, TrainableTokens):
+            delta = values.get(canonical.get(id(module.trainable_tokens_delta), ""), module.trainable_tokens_delta)
+            weight = module.base_layer.weight.detach().index_copy(0, module.token_indices, delta.detach().to(
+                module.base_layer.weight.dtype))
+        elif isinstance(module, ModulesToSave):
+            weight = values.get(f"{name}.modules_to_save.weight", module.modules_to_save.weight).detach()
+        else:
+            continue
+        hf = hf_module(name, model.config)[0]
+        tensors[f"{prefix}{hf}.weight"] = weight
+        saved.append(hf.rsplit(".", 1)[-1])
+    return tensors, saved
+
+
+def _method_tensors(model: nn.Module, kind: str, values: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     config = model.config
     fields: dict[str, Any] = {"peft_type": kind, "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
                               "inference_mode": True, "revision": None}
@@ -79,7 +116,7 @@ def method_tensors(model: nn.Module, kind: str, values: dict[str, torch.Tensor]
             table = prefix.prompt_embeddings().detach()
         kv = kind == "PREFIX_TUNING"
         fields.update({"num_virtual_tokens": prefix.num_virtual_tokens, "num_transformer_submodules": 1,
-                       "num_layers": config.num_layers, "modules_to_save": None,
+                       "num_layers": config.num_layers,
                        "token_dim": config.num_kv_heads * config.head_dim if kv else config.hidden_size,
                        "num_attention_heads": config.num_kv_heads if kv else config.num_heads})
         fields.update({k: v for k, v in prefix.peft_fields.items() if k != "prompt_tuning_init_text"})
@@ -122,7 +159,7 @@ def _ia3_tensors(model: nn.Module, values: dict, fields: dict) -> tuple[dict, di
                           torch.ones(model.get_submodule(name).out_features, 1))
         tensors[f"{PREFIX}{hf}.ia3_l"] = torch.cat(thirds)
     fields.update({"target_modules": sorted(targets), "feedforward_modules": sorted(ff),
-                   "fan_in_fan_out": fused_conv1d(config), "init_ia3_weights": True, "modules_to_save": None,
+                   "fan_in_fan_out": fused_conv1d(config), "init_ia3_weights": True,
                    "exclude_modules": None})
     return tensors, fields
 
@@ -133,6 +170,44 @@ def load_method_adapter(model: nn.Module, fields: dict[str, Any], tensors: dict[
     """Apply a non-LoRA adapter read from `where` to the model, in place (its parameters trainable, the rest frozen)."""
     kind = fields["peft_type"]
     check_tensors_match(kind, tensors, where)
+    rows = saved_rows(fields, tensors)
+    tensors = {k: v for k, v in tensors.items() if k not in rows}
+    _load_method(model, kind, fields, tensors, where)
+    _load_rows(model, kind, rows, where)
+    return model
+
+
+def saved_rows(fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's modules_to_save matrices (new tokens' rows), by peft key."""
+    saved = fields.get("modules_to_save") or []
+    prefix = "base_model." if fields["peft_type"] in PROMPT_TYPES else PREFIX
+    return {k: v for k, v in tensors.items() if k.startswith(prefix) and k.endswith(".weight")
+            and k[len(prefix):-len(".weight")].rsplit(".", 1)[-1] in saved}
+
+
+def _load_rows(model: nn.Module, kind: str, rows: dict[str, torch.Tensor], where: Path) -> None:
+    """Each saved matrix into a ModulesToSave copy of its module, as peft loads it."""
+    prefix = "base_model." if kind in PROMPT_TYPES else PREFIX
+    config = model.config
+    for key, tensor in rows.items():
+        names = lmstack_modules(key[len(prefix):-len(".weight")], config)
+        if len(names) != 1 or names[0] not in dict(model.named_modules()):
+            raise CheckpointError(f"{where}: tensor {key} (modules_to_save) names a module this {config.family} model "
+                                  "does not have")
+        name = names[0]
+        if kind in ("PROMPT_TUNING", "P_TUNING") and name == "model.embed_tokens":
+            continue  # peft embeds a prompt-tuned model's input with the base embedding, never this copy
+        module = model.get_submodule(wrap_modules_to_save(model, name)[0]).modules_to_save
+        if module.weight.shape != tensor.shape:
+            raise CheckpointError(f"{where}: tensor {key} has shape {tuple(tensor.shape)}, but this model's "
+                                  f"{name} is {tuple(module.weight.shape)}: is the adapter for another base model?")
+        with torch.no_grad():
+            module.weight.copy_(tensor)
+        module.requires_grad_(True)
+
+
+def _load_method(model: nn.Module, kind: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 where: Path) -> nn.Module:
     config = model.config
     model.requires_grad_(False)
     if kind in PROMPT_TYPES:
@@ -204,4 +279,4 @@ def load_method_adapter(model: nn.Module, fields: dict[str, Any], tensors: dict[
 
 
 __all__ = ["METHOD_TYPES", "PROMPT_TYPES", "adapter_kind", "check_tensors_match", "load_method_adapter",
-           "method_tensors"]
+           "method_tensors", "saved_rows"]

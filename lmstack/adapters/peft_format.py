@@ -45,6 +45,7 @@ from lmstack.adapters.method_format import (
     check_tensors_match,
     load_method_adapter,
     method_tensors,
+    saved_rows,
 )
 from lmstack.adapters.modules import ModulesToSave, TrainableTokens, resize_vocab
 from lmstack.adapters.names import fused_conv1d, hf_module, lmstack_modules
@@ -246,7 +247,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     where = directory / WEIGHTS_FILE
     check_tensors_match(fields["peft_type"], tensors, where)
     if fields["peft_type"] != "LORA":
-        vocab = _tokenizer_vocab(directory)  # rows the run added for new tokens (mean-initialised, untrained)
+        # rows the run added for new tokens: trained ones come as modules_to_save matrices; the tokenizer's size
+        # covers an adapter written before lmstack saved them (the new rows then stay at their mean init)
+        vocab = max([_tokenizer_vocab(directory)] + [t.shape[0] for t in saved_rows(fields, tensors).values()])
         if vocab > model.config.vocab_size:
             resize_vocab(model, vocab)
         load_method_adapter(model, fields, tensors, where)

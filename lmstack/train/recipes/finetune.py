@@ -42,6 +42,7 @@ from lmstack.adapters import (
     apply_prefix_tuning,
     apply_prompt_tuning,
     resize_vocab,
+    train_new_rows,
 )
 from lmstack.data import instruct_tasks
 from lmstack.data.loader import TokenStream
@@ -158,8 +159,10 @@ def prepare_model(cfg: FinetuneConfig, tokenizer: Tokenizer) -> tuple[nn.Module,
               "p_tuning": lambda: apply_p_tuning(model, cfg.p_tuning),
               "prefix": lambda: apply_prefix_tuning(model, cfg.prefix_tuning),
               "ia3": lambda: apply_ia3(model, cfg.ia3), "bottleneck": lambda: apply_bottleneck(model, cfg.bottleneck)}
-    if cfg.method in others:  # new tokens' rows keep their mean init (these methods train no rows)
+    if cfg.method in others:
         others[cfg.method]()
+        if new_ids:  # these methods train no rows: the new tokens' rows train beside them, or they stay equal
+            train_new_rows(model, new_ids, head_only=cfg.method in ("prompt", "p_tuning"))
         return model, new_ids
     lora = replace(cfg.lora, use_dora=cfg.lora.use_dora or cfg.method == "dora")
     learns_rows = any(m.endswith(("embed_tokens", "lm_head", "wte")) for m in lora.modules_to_save)
