@@ -244,6 +244,16 @@ def test_export_cli(llama_dir, tmp_path):
     assert "wrote" in result.stdout and "q4_0" in result.stdout and (tmp_path / "m.gguf").exists()
 
 
+def _llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """n tokens of llama.cpp's greedy continuation of ids (no repetition penalty, as lmstack's greedy)."""
+    tokens = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        tokens.append(token)
+        if len(tokens) == n:
+            return tokens
+    return tokens
+
+
 @pytest.mark.slow
 def test_llama_cpp_runs_the_file_with_lmstacks_tokens_and_greedy_text(llama_dir, tmp_path):
     """llama-cpp-python (pip builds llama.cpp from source; slow) loads the f32 export: same tokens for a
@@ -260,12 +270,7 @@ def test_llama_cpp_runs_the_file_with_lmstacks_tokens_and_greedy_text(llama_dir,
     ids = tok.encode(text)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
     ours = lmstack.generate(model, None, [ids], max_new_tokens=16, ignore_eos=True).token_ids[0]
-    theirs = []
-    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        theirs.append(token)
-        if len(theirs) == 16:
-            break
-    assert theirs == ours
+    assert _llama_cpp_greedy(llm, ids, 16) == ours
 
 
 @pytest.mark.slow
@@ -291,9 +296,4 @@ def test_llama_cpp_runs_a_unigram_export_with_lmstacks_tokens_and_greedy_text(tm
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
     ids = tokenizer.encode("The quick brown fox")
     ours = lmstack.generate(model, None, [ids], max_new_tokens=12, ignore_eos=True).token_ids[0]
-    theirs = []
-    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        theirs.append(token)
-        if len(theirs) == 12:
-            break
-    assert theirs == ours
+    assert _llama_cpp_greedy(llm, ids, 12) == ours
