@@ -34,7 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from lmstack.generate.config import GenerationConfig
 from lmstack.serve import routes
 from lmstack.serve.config import ServeConfig
-from lmstack.serve.engine import EngineProcess, LoadFailed, ModelInfo, load_from_config
+from lmstack.serve.engine import EngineProcess, LoadFailed, ModelInfo, build_scheduler, load_from_config
 from lmstack.serve.metrics import Metrics
 from lmstack.serve.protocol import APIError, Sampling
 from lmstack.serve.responses import TokenText
@@ -77,13 +77,9 @@ class Server:
                 scheduler = engine
             else:
                 model, self.tokenizer = (self.loader or (lambda: load_from_config(self.config)))()
-                context = model.config.max_seq_len
-                row_len = min(self.config.max_len or context, context)
-                scheduler = Scheduler(model, self.tokenizer, self.config.max_batch, row_len, self.config.max_queue,
-                                      self.config.prefix_cache, self.config.compile, self.metrics, handoff,
-                                      self.config.batch_wait_ms / 1e3)
+                scheduler, self.info = build_scheduler(model, self.tokenizer, self.config, self.config.max_queue,
+                                                       self.metrics, handoff)
                 scheduler.start()
-                self.info = ModelInfo(model.config.vocab_size, context, list(model.config.eos_token_ids), row_len)
             self.names = TokenText(self.tokenizer)
             self.scheduler = scheduler
         except Exception as e:  # shown by /health and every request

@@ -39,7 +39,7 @@ from typing import Any
 
 from lmstack.serve.config import ServeConfig
 from lmstack.serve.metrics import Metrics
-from lmstack.serve.scheduler import Event, Job, PromptScores, QueueFull, Scheduler
+from lmstack.serve.scheduler import Event, Job, PromptScores, QueueFull, Scheduler, hand_over
 
 
 def load_from_config(config: ServeConfig) -> tuple[Any, Any]:
@@ -62,6 +62,17 @@ class ModelInfo:
     max_seq_len: int
     eos_token_ids: list[int]
     row_len: int  # KV slots per row: the longest prompt + completion served
+
+
+def build_scheduler(model: Any, tokenizer: Any, config: ServeConfig, max_queue: int, metrics: Metrics | None = None,
+                    handoff: Callable[[Callable[[], None]], None] | None = None) -> tuple[Scheduler, ModelInfo]:
+    """The Scheduler `config` asks for over a loaded model (rows of max_len, at most the model's context), and what
+    the web side needs to know of the model."""
+    context = model.config.max_seq_len
+    row_len = min(config.max_len or context, context)
+    scheduler = Scheduler(model, tokenizer, config.max_batch, row_len, max_queue, config.prefix_cache, config.compile,
+                          metrics, handoff, config.batch_wait_ms / 1e3)
+    return scheduler, ModelInfo(model.config.vocab_size, context, list(model.config.eos_token_ids), row_len)
 
 
 @dataclass
@@ -130,11 +141,8 @@ def engine_main(conn: Connection, spec: dict[str, Any]) -> None:
     config, lock = ServeConfig(**spec["config"]), threading.Lock()
     try:
         model, tokenizer = load_from_config(config)
-        context = model.config.max_seq_len
-        row_len = min(config.max_len or context, context)
         # No queue limit here: the web process refuses past max_queue before a job is sent.
-        scheduler = Scheduler(model, tokenizer, config.max_batch, row_len, sys.maxsize, config.prefix_cache,
-                              config.compile, batch_wait=config.batch_wait_ms / 1e3)
+        scheduler, info = build_scheduler(model, tokenizer, config, sys.maxsize)
     except Exception as e:  # shown by /health and every request
         _send(conn, lock, {"load_error": f"{type(e).__name__}: {e}"})
         return
@@ -171,7 +179,8 @@ def engine_main(conn: Connection, spec: dict[str, Any]) -> None:
             job = Job(m["prompts"], generation, emit, n=m["n"], prefix_len=m["prefix_len"],
                       prompt_top=m["prompt_top"], id=m["id"])
         except Exception as e:  # validated by the web process already: a bug, which fails this request only
-            errors = [event_message(Event(i, error=f"{type(e).__name__}: {e}")) for i in range(len(m["prompts"]) * m["n"])]
+            errors = [event_message(Event(i, error=f"{type(e).__name__}: {e}"))
+                      for i in range(len(m["prompts"]) * m["n"])]
             report([], [[m["id"], errors]])
             return
         jobs[job.id] = job
@@ -191,8 +200,7 @@ def engine_main(conn: Connection, spec: dict[str, Any]) -> None:
                 scheduler.stop()  # the loop runs on the main thread: this only tells it to end
                 return
 
-    _send(conn, lock, {"ready": asdict(ModelInfo(model.config.vocab_size, context,
-                                                 list(model.config.eos_token_ids), row_len))})
+    _send(conn, lock, {"ready": asdict(info)})
     scheduler.report = report
     threading.Thread(target=read, name="lmstack-engine-reader", daemon=True).start()
     try:
@@ -260,8 +268,7 @@ class EngineProcess:
     def submit(self, job: Job) -> None:
         with self._lock:
             if self.failure is not None:  # died since the app checked: the request fails as those in flight did
-                self._deliver([(job, [Event(i, error=f"the model process stopped: {self.failure}")
-                                      for i in range(len(job.prompts) * job.n)])])
+                self._deliver([(job, job.error_events(f"the model process stopped: {self.failure}"))])
                 return
             waiting = sum(not f.started for f in self._in_flight.values())
             reserved = sum(f.job.rows_needed for f in self._in_flight.values())
@@ -270,7 +277,7 @@ class EngineProcess:
                     self.metrics.rejected += 1
                 raise QueueFull(f"{waiting} requests are waiting for KV memory (the limit, --max-queue)")
             job.id = next(self._ids)
-            self._in_flight[job.id] = _InFlight(job, len(job.prompts) * job.n)
+            self._in_flight[job.id] = _InFlight(job, job.choices)
             config = None if job.config is None else asdict(job.config)
             self._write({"submit": {"id": job.id, "prompts": job.prompts, "config": config, "n": job.n,
                                     "prefix_len": job.prefix_len, "prompt_top": job.prompt_top}})
@@ -344,21 +351,12 @@ class EngineProcess:
         self.failure = reason
         with self._lock:
             flights, self._in_flight = list(self._in_flight.values()), {}
-        self._deliver([(f.job, [Event(i, error=f"the model process stopped: {reason}")
-                                for i in range(len(f.job.prompts) * f.job.n)]) for f in flights])
+        self._deliver([(f.job, f.job.error_events(f"the model process stopped: {reason}")) for f in flights])
 
     def _deliver(self, deliveries: list[tuple[Job, list[Event]]]) -> None:
         if not deliveries:
             return
-
-        def deliver() -> None:
-            for job, events in deliveries:
-                job.emit(events)
-
-        if self.handoff is None:
-            deliver()
-        else:
-            try:
-                self.handoff(deliver)
-            except RuntimeError:  # the event loop has closed: the server is shutting down, nobody is waiting
-                pass
+        try:
+            hand_over(self.handoff, deliveries)
+        except RuntimeError:  # the event loop has closed: the server is shutting down, nobody is waiting
+            pass

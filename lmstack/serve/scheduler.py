@@ -83,8 +83,32 @@ class Job:
     _open: int = 0  # choices not finished yet
 
     @property
+    def choices(self) -> int:
+        """Sequences the request returns: n per prompt (each ends with a `done` or an `error` event)."""
+        return len(self.prompts) * self.n
+
+    @property
     def rows_needed(self) -> int:
-        return 0 if self.config is None else len(self.prompts) * self.n
+        return 0 if self.config is None else self.choices
+
+    def error_events(self, message: str) -> list[Event]:
+        """One error event per choice: how a request fails as a whole."""
+        return [Event(i, error=message) for i in range(self.choices)]
+
+
+def hand_over(handoff: Callable[[Callable[[], None]], None] | None,
+              deliveries: list[tuple[Job, list[Event]]]) -> None:
+    """Give each job its events in one call where the jobs' consumers live: handoff(fn) runs fn there (an event
+    loop's call_soon_threadsafe); without one, here."""
+
+    def deliver() -> None:
+        for job, events in deliveries:
+            job.emit(events)
+
+    if handoff is None:
+        deliver()
+    else:
+        handoff(deliver)
 
 
 def prompt_logprobs(model: CausalLM, ids: list[int], top_n: int) -> PromptScores:
@@ -226,8 +250,8 @@ class Scheduler:
             self.failure = e
             self._outbox.clear()
             for job in list(self._active) + list(self._waiting):
-                for i in range(len(job.prompts) * job.n):
-                    self._send(job, Event(i, error=f"the scheduler stopped: {type(e).__name__}: {e}"))
+                for event in job.error_events(f"the scheduler stopped: {type(e).__name__}: {e}"):
+                    self._send(job, event)
             self._flush()
             raise
 
@@ -260,15 +284,7 @@ class Scheduler:
             return
         batches = list(self._outbox.values())
         self._outbox = {}
-
-        def deliver() -> None:
-            for job, events in batches:
-                job.emit(events)
-
-        if self.handoff is None:
-            deliver()
-        else:
-            self.handoff(deliver)
+        hand_over(self.handoff, batches)
 
     def _release_cancelled(self, batch: ContinuousBatch) -> None:
         for job in [j for j in self._active if j.cancelled]:
@@ -313,8 +329,8 @@ class Scheduler:
             del self._owner[row]
         if job in self._active:
             self._active.remove(job)
-        for i in range(len(job.prompts) * job.n):
-            self._send(job, Event(i, error=message))
+        for event in job.error_events(message):
+            self._send(job, event)
         self.metrics.request_finished("error")
 
     def _score(self, job: Job) -> bool:
@@ -328,7 +344,7 @@ class Scheduler:
                     self._send(job, Event(i * job.n + j, prompt=scores))
         if job.config is not None:
             return True
-        for i in range(len(job.prompts) * job.n):
+        for i in range(job.choices):
             done = SequenceState(None, job.prompts[i // job.n], set(), (), 1)
             done.finish_reason = "length"
             self._send(job, Event(i, done=done))
@@ -341,7 +357,7 @@ class Scheduler:
         plain: list[tuple[Job, int, list[int]]] = []  # (job, prompt index, prompt)
         for job in jobs:
             self._active.append(job)
-            job._open = len(job.prompts) * job.n
+            job._open = job.choices
             for i, prompt in enumerate(job.prompts):
                 prefix = self.prefixes.lookup(prompt)
                 if prefix is None:
