@@ -85,9 +85,15 @@ def method_tensors(model: nn.Module, kind: str, values: dict[str, torch.Tensor]
     return {**tensors, **rows}, fields
 
 
+def _rows_prefix(kind: str) -> str:
+    """What peft's get_peft_model_state_dict puts before a modules_to_save key: a prompt-learning PeftModel's
+    base_model is the transformers model itself; a tuner model (IA3, and bottleneck like it) wraps it."""
+    return "base_model." if kind in PROMPT_TYPES else PREFIX
+
+
 def _row_tensors(model: nn.Module, kind: str, values: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
     """The embedding / head matrices with their trained rows, as peft's modules_to_save keys, and the entries."""
-    prefix = "base_model." if kind in PROMPT_TYPES else PREFIX
+    prefix = _rows_prefix(kind)
     canonical = {id(p): n for n, p in model.named_parameters()}  # a tied head's delta is the embedding's
     tensors, saved = {}, []
     for name, module in adapters(model):
@@ -180,14 +186,14 @@ def load_method_adapter(model: nn.Module, fields: dict[str, Any], tensors: dict[
 def saved_rows(fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The adapter's modules_to_save matrices (new tokens' rows), by peft key."""
     saved = fields.get("modules_to_save") or []
-    prefix = "base_model." if fields["peft_type"] in PROMPT_TYPES else PREFIX
+    prefix = _rows_prefix(fields["peft_type"])
     return {k: v for k, v in tensors.items() if k.startswith(prefix) and k.endswith(".weight")
             and k[len(prefix):-len(".weight")].rsplit(".", 1)[-1] in saved}
 
 
 def _load_rows(model: nn.Module, kind: str, rows: dict[str, torch.Tensor], where: Path) -> None:
     """Each saved matrix into a ModulesToSave copy of its module, as peft loads it."""
-    prefix = "base_model." if kind in PROMPT_TYPES else PREFIX
+    prefix = _rows_prefix(kind)
     config = model.config
     for key, tensor in rows.items():
         names = lmstack_modules(key[len(prefix):-len(".weight")], config)
