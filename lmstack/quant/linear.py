@@ -7,11 +7,10 @@
   kernels as bf16: torch 2.13's fp32-activation versions are scalar loops, measured 100-300x slower
   than the bf16 ones here (1024 x 1024 int4: 36 ms vs 0.11 ms), while rounding the activations to
   bf16 (8 bits of mantissa) costs far less accuracy than the 4- or 8-bit weights already do. Eager, the
-  kernels run as opaque custom ops. Inside a compiled decode step (lmstack.generate.compiled, which
-  freezes buffers into constants) inductor lowers both aten ops to its own C++ weight-only GEMM
-  templates where they apply (int8: always; int4: AVX-512, bf16, groups of 32-128, N padded to a
-  multiple of 64), which at batch 1 run several times faster than the ops' own kernels; elsewhere the
-  opaque op is called as it is. Other formats (int3, int8 in groups) dequantize the weight and call F.linear.
+  aten ops run as they are. Inside a compiled decode step (lmstack.generate.compiled, which freezes
+  buffers into constants) inductor lowers both to its own C++ weight-only GEMM templates where they
+  apply (int8: always; int4: AVX-512, bf16, groups of 32-128, N padded to a multiple of 64), which at
+  batch 1 run several times faster than the ops' own kernels; elsewhere int4 goes in as an opaque op. Other formats (int3, int8 in groups) dequantize the weight and call F.linear.
 - `NF4Linear`: NF4 / FP4 (bitsandbytes' layout, lmstack.quant.nf4), dequantized per call; QLoRA's base.
 - `Int8DynamicLinear`: W8A8 (SmoothQuant, dynamic quantization): int8 per-channel weights, activations
   quantized per token at run time, an int8 x int8 -> int32 GEMM (`torch._int_mm`) and one rescale.
@@ -45,32 +44,21 @@ INT4_TEMPLATE_N = 64
 INT4_TEMPLATE = KERNEL_DTYPE == torch.bfloat16 and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-# The packed kernels as opaque ops: inductor then calls them as they are inside a compiled graph where its own
-# templates do not apply (see INT4_TEMPLATE), instead of lowering them into a GEMM autotuning with no choice.
-# Plain library ops rather than @torch.library.custom_op: ~60 calls a token, and custom_op's Python dispatch cost
-# 10% of eager int4 decode here (69.6 vs 76.6 tokens/s at one thread). They have no autograd: IntLinear sends
-# inputs that require grad through dequantize-then-matmul.
+# The int4 kernel as an opaque op, for a compiled graph where inductor's int4 template does not apply (see
+# INT4_TEMPLATE): inductor then calls it as it is, instead of lowering it into a GEMM autotuning with no choice.
+# Eager code and the int8 kernel (whose template always applies) call the aten ops directly. A plain library op
+# rather than @torch.library.custom_op, whose Python dispatch on each of ~60 calls a token cost 10% of eager int4
+# decode here (69.6 vs 76.6 tokens/s at one thread). No autograd: IntLinear sends inputs that require grad through
+# dequantize-then-matmul.
 _OPS = torch.library.Library("lmstack", "FRAGMENT")
-_OPS.define("int8_weight_mm(Tensor x, Tensor weight, Tensor scales) -> Tensor")
 _OPS.define("int4_weight_mm(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor")
-_OPS.impl("int8_weight_mm", lambda x, weight, scales: torch.ops.aten._weight_int8pack_mm(x, weight, scales), "CPU")
 _OPS.impl("int4_weight_mm", lambda x, packed, group_size, scales_and_zeros:
           torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros), "CPU")
-
-
-@torch.library.register_fake("lmstack::int8_weight_mm")
-def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.register_fake("lmstack::int4_weight_mm")
 def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], packed.shape[0])
-
-
-def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ (weight (N, K) int8 * scales (N,))^T -> (M, N), in x's dtype (fp32 or bf16, as the scales)."""
-    return torch.ops.lmstack.int8_weight_mm(x, weight, scales)
 
 
 def int4_weight_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int,
@@ -156,15 +144,13 @@ class IntLinear(nn.Module):
             w = self.int_weight().dequantize(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (M, K)
-        if self.kernel == "int8" and torch.compiler.is_compiling():
-            # Inside a compiled decode step inductor lowers the aten op itself, to its C++ weight-only-int8 GEMM
-            # template (AVX-512 / AMX micro-kernels, the frozen weights pre-packed): faster than the opaque call.
+        if self.kernel == "int8":
+            # Compiled, inductor lowers this op to its C++ weight-only-int8 GEMM template (AVX-512 / AMX
+            # micro-kernels, the frozen weights pre-packed)
             y = torch.ops.aten._weight_int8pack_mm(flat, self.w_int8, self.kernel_scales)
-        elif self.kernel == "int8":
-            y = int8_weight_mm(flat, self.w_int8, self.kernel_scales)
-        elif self.int4_lowered and torch.compiler.is_compiling():
+        elif self.int4_lowered or not torch.compiler.is_compiling():
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.w_int4, self.group_size, self.scales_and_zeros)
-        else:
+        else:  # a compiled graph where inductor's int4 template does not apply
             y = int4_weight_mm(flat, self.w_int4, self.group_size, self.scales_and_zeros)
         y = y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
